@@ -1,0 +1,29 @@
+//! Dense strided K/V tensors (BSHD, BHSD or any strides; V may alias K).
+
+use super::KvSource;
+use crate::element::Element;
+use crate::tensor::Tensor;
+
+/// K and V as strided views; V may be the first `d_v` columns of K's buffer.
+pub(crate) struct DenseKv<'a, T> {
+    pub k: Tensor<'a, T>,
+    pub v: Tensor<'a, T>,
+}
+
+impl<T: Element> KvSource for DenseKv<'_, T> {
+    #[inline]
+    fn pack_k(&self, b: usize, g: usize, j0: usize, n: usize, dst: &mut [f32], stride: usize) {
+        let d = self.k.shape[3];
+        for (jj, out) in dst.chunks_mut(stride).take(n).enumerate() {
+            T::load_row(self.k.row(b, j0 + jj, g), &mut out[..d]);
+        }
+    }
+
+    #[inline]
+    fn pack_v(&self, b: usize, g: usize, j0: usize, n: usize, dst: &mut [f32], stride: usize) {
+        let d = self.v.shape[3];
+        for (jj, out) in dst.chunks_mut(stride).take(n).enumerate() {
+            T::load_row(self.v.row(b, j0 + jj, g), &mut out[..d]);
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! KV sources: where the K/V rows of a tile come from, converted to f32 once per tile
+//! and reused by every query row of the tile.
+//!
+//! The driver only sees [`KvSource`]; dense strided tensors are the first source, and
+//! paged caches, varlen batches and index gathers slot in beside it.
+
+mod dense;
+
+pub(crate) use dense::DenseKv;
+
+/// Packs K and V rows of one (batch, kv head) into f32 tiles.
+pub(crate) trait KvSource: Sync {
+    /// Writes keys `j0..j0 + n` of `(batch, kv_head)` as rows of `dst`, `stride` floats
+    /// apart, each `d_qk` long.
+    fn pack_k(
+        &self,
+        batch: usize,
+        kv_head: usize,
+        j0: usize,
+        n: usize,
+        dst: &mut [f32],
+        stride: usize,
+    );
+    /// Writes values `j0..j0 + n` as rows of `dst`, `stride` floats apart, each `d_v` long.
+    fn pack_v(
+        &self,
+        batch: usize,
+        kv_head: usize,
+        j0: usize,
+        n: usize,
+        dst: &mut [f32],
+        stride: usize,
+    );
+}
