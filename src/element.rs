@@ -21,6 +21,11 @@ pub trait Element: sealed::Sealed + Copy + Send + Sync + 'static {
     fn load_row(src: &[Self], dst: &mut [f32]);
     /// Converts a row from f32, rounding to nearest even; `src` and `dst` have the same length.
     fn store_row(src: &[f32], dst: &mut [Self]);
+    /// `Some` when the storage already is f32, so kernels may read it in place.
+    #[inline(always)]
+    fn as_f32(_src: &[Self]) -> Option<&[f32]> {
+        None
+    }
     /// Converts one value to f32 (used by the reference, not by the kernels).
     fn to_f32(self) -> f32;
     /// Converts one f32, rounding to nearest even.
@@ -29,6 +34,10 @@ pub trait Element: sealed::Sealed + Copy + Send + Sync + 'static {
 
 impl Element for f32 {
     const NAME: &'static str = "f32";
+    #[inline(always)]
+    fn as_f32(src: &[f32]) -> Option<&[f32]> {
+        Some(src)
+    }
     #[inline(always)]
     fn load_row(src: &[f32], dst: &mut [f32]) {
         dst.copy_from_slice(src);

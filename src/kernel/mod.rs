@@ -147,7 +147,7 @@ impl<Q: Element, KV: Element, O: Element> WithSimd for Job<'_, '_, Q, KV, O> {
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
         match S::F32_LANES {
-            16 => drive::<S, Q, KV, O, 6, 4, 4, 4, 64>(simd, self.ctx, self.threads),
+            16 => drive::<S, Q, KV, O, 6, 4, 4, 4, 256>(simd, self.ctx, self.threads),
             8 => drive::<S, Q, KV, O, 6, 2, 6, 2, 48>(simd, self.ctx, self.threads),
             4 => drive::<S, Q, KV, O, 6, 4, 4, 4, 64>(simd, self.ctx, self.threads),
             _ => drive::<S, Q, KV, O, 4, 4, 4, 4, 64>(simd, self.ctx, self.threads),
@@ -328,45 +328,97 @@ fn run_item<
         p.scale * core::f32::consts::LOG2_E
     };
 
-    let mut j0 = jlo.max(0);
-    while j0 < jhi {
-        let n = ((jhi - j0) as usize).min(BC);
+    // K/V tiles [start + k·BC, ...) for k < n_tiles. Odd Q tiles walk them backwards, so
+    // a worker running the Q tiles of one kv head in turn starts each pass on the tiles
+    // the previous pass touched last, which are still in L2. The order depends on the
+    // item alone, so results stay identical for every thread count.
+    let start = jlo.max(0);
+    let n_tiles = if jhi > start {
+        ((jhi - start) as usize).div_ceil(BC)
+    } else {
+        0
+    };
+    let tile_at = |k: usize| {
+        let k = if it.t % 2 == 1 { n_tiles - 1 - k } else { k };
+        let j0 = start + (k * BC) as i64;
+        (j0, ((jhi - j0) as usize).min(BC))
+    };
+    for kt in 0..n_tiles {
+        let (j0, n) = tile_at(kt);
         let class = ctx.mask.classify(pmin, pmax, j0, j0 + n as i64);
         let ju = j0 as usize;
-        j0 += n as i64;
         if class == TileClass::Empty {
             continue;
         }
+        if kt + 1 < n_tiles {
+            let (jn, nn) = tile_at(kt + 1);
+            ctx.kv.prefetch(it.b, it.g, jn as usize, nn);
+        }
         let nkb = n.div_ceil(MK);
-        ctx.kv
-            .pack_k(it.b, it.g, ju, n, floats_mut::<S>(&mut sc.k), dqk);
+        // K: full key blocks are read in place when K is f32 (no copy, no extra pass
+        // over memory); the tail block, and every block of other types, is packed.
+        let mut kd_blocks = 0;
+        let mut kd: (*const f32, usize) = (core::ptr::null(), 0);
+        if let Some((src, stride)) = ctx.kv.k_in_place(it.b, it.g, ju) {
+            kd_blocks = n / MK;
+            if kd_blocks > 0 {
+                assert!((kd_blocks * MK - 1) * stride + dqk <= src.len());
+                kd = (src.as_ptr(), stride);
+            }
+        }
+        let packed_keys = n - kd_blocks * MK;
+        if packed_keys > 0 {
+            ctx.kv.pack_k(
+                it.b,
+                it.g,
+                ju + kd_blocks * MK,
+                packed_keys,
+                floats_mut::<S>(&mut sc.k),
+                dqk,
+            );
+        }
+        // V is always packed: read in place, rows 4 KiB apart (BSHD with 8 heads × 128)
+        // all land in the same L1 set and the PV loop, which re-reads each column block
+        // once per row block, thrashes (measured 54 % of the time in PV).
         ctx.kv
             .pack_v(it.b, it.g, ju, n, floats_mut::<S>(&mut sc.v), dvv * lanes);
+        assert!(n * dvv <= sc.v.len());
+        let (vp, vstride) = (sc.v.as_ptr() as *const f32, dvv * lanes);
 
         // S = K̂·Qᵀ.
-        assert!(nkb * MK * dqk <= sc.k.len() * lanes && dqk * BR <= sc.qt.len() * lanes);
+        assert!(
+            (nkb - kd_blocks) * MK * dqk <= sc.k.len() * lanes && dqk * BR <= sc.qt.len() * lanes
+        );
         assert!(nkb * MK * brv <= sc.st.len() && nvec <= brv);
-        let kp = sc.k.as_ptr() as *const f32;
         let qp = sc.qt.as_ptr();
         let sp = sc.st.as_mut_ptr();
         let mut rb = 0;
         while rb < nvec {
             let w = (nvec - rb).min(NVQ);
             for kb in 0..nkb {
+                let (k, ks) = if kb < kd_blocks {
+                    // SAFETY: block kb < kd_blocks lies inside `src` (asserted above).
+                    (unsafe { kd.0.add(kb * MK * kd.1) }, kd.1)
+                } else {
+                    // SAFETY: packed blocks fit in `sc.k` (asserted above).
+                    (
+                        unsafe { (sc.k.as_ptr() as *const f32).add((kb - kd_blocks) * MK * dqk) },
+                        dqk,
+                    )
+                };
                 // SAFETY: the asserts above bound every extent `qk_block` touches:
-                // keys kb·MK..(kb+1)·MK ≤ nkb·MK rows of K̂, Qᵀ vectors rb..rb+w ≤ brv
+                // MK rows of K at `k` (in place or packed), Qᵀ vectors rb..rb+w ≤ brv
                 // of each of the dqk rows, and the same rows/vectors of S.
                 unsafe {
-                    let k = kp.add(kb * MK * dqk);
                     let q = qp.add(rb);
                     let s = sp.add(kb * MK * brv + rb);
                     match w {
                         _ if w == NVQ => {
-                            tile::qk_block::<S, MK, NVQ>(simd, k, dqk, q, brv, dqk, s, brv)
+                            tile::qk_block::<S, MK, NVQ>(simd, k, ks, q, brv, dqk, s, brv)
                         }
-                        1 => tile::qk_block::<S, MK, 1>(simd, k, dqk, q, brv, dqk, s, brv),
-                        2 => tile::qk_block::<S, MK, 2>(simd, k, dqk, q, brv, dqk, s, brv),
-                        _ => tile::qk_block::<S, MK, 3>(simd, k, dqk, q, brv, dqk, s, brv),
+                        1 => tile::qk_block::<S, MK, 1>(simd, k, ks, q, brv, dqk, s, brv),
+                        2 => tile::qk_block::<S, MK, 2>(simd, k, ks, q, brv, dqk, s, brv),
+                        _ => tile::qk_block::<S, MK, 3>(simd, k, ks, q, brv, dqk, s, brv),
                     }
                 }
             }
@@ -410,38 +462,35 @@ fn run_item<
 
         // O += Pᵀ·V̂.
         let nrb = nr.div_ceil(MR);
-        assert!(
-            nrb * MR <= BR
-                && n * brv <= sc.st.len()
-                && n * dvv <= sc.v.len()
-                && BR * dvv <= sc.o.len()
-        );
+        assert!(nrb * MR <= BR && n * brv <= sc.st.len() && BR * dvv <= sc.o.len());
         let pp = sc.st.as_ptr() as *const f32;
-        let vp = sc.v.as_ptr();
         let op = sc.o.as_mut_ptr();
-        for rbk in 0..nrb {
-            let rr = rbk * MR;
-            let mut cb = 0;
-            while cb < dvv {
-                let w = (dvv - cb).min(NVO);
+        // Column blocks outer: one block of V (n keys × NVO vectors, 16 KiB at n = 64 on
+        // AVX-512) stays in L1 while every row block of the tile streams past it.
+        let mut cb = 0;
+        while cb < dvv {
+            let w = (dvv - cb).min(NVO);
+            for rbk in 0..nrb {
+                let rr = rbk * MR;
                 // SAFETY: rows rr..rr+MR ≤ BR of P (n key rows of BR floats) and of O
-                // (dvv vectors each), column vectors cb..cb+w ≤ dvv of V̂ and O: all
-                // inside the extents asserted above.
+                // (dvv vectors each), column vectors cb..cb+w ≤ dvv of V (n rows of
+                // `vstride` floats, in place or packed) and O: all inside the extents
+                // asserted above.
                 unsafe {
                     let pr = pp.add(rr);
-                    let vv = vp.add(cb);
+                    let vv = vp.add(cb * lanes);
                     let o = op.add(rr * dvv + cb);
                     match w {
                         _ if w == NVO => {
-                            tile::pv_block::<S, MR, NVO>(simd, pr, BR, n, vv, dvv, o, dvv)
+                            tile::pv_block::<S, MR, NVO>(simd, pr, BR, n, vv, vstride, o, dvv)
                         }
-                        1 => tile::pv_block::<S, MR, 1>(simd, pr, BR, n, vv, dvv, o, dvv),
-                        2 => tile::pv_block::<S, MR, 2>(simd, pr, BR, n, vv, dvv, o, dvv),
-                        _ => tile::pv_block::<S, MR, 3>(simd, pr, BR, n, vv, dvv, o, dvv),
+                        1 => tile::pv_block::<S, MR, 1>(simd, pr, BR, n, vv, vstride, o, dvv),
+                        2 => tile::pv_block::<S, MR, 2>(simd, pr, BR, n, vv, vstride, o, dvv),
+                        _ => tile::pv_block::<S, MR, 3>(simd, pr, BR, n, vv, vstride, o, dvv),
                     }
                 }
-                cb += w;
             }
+            cb += w;
         }
     }
 

@@ -56,7 +56,8 @@ pub(crate) unsafe fn qk_block<S: Simd, const MK: usize, const NV: usize>(
 ///
 /// # Safety
 /// - `p` is valid for reads of `(n - 1) * p_stride + MR` floats (when `n > 0`);
-/// - `vv` is valid for reads of `(n - 1) * v_stride + NV` vectors (when `n > 0`);
+/// - `vv` is valid for reads of `(n - 1) * v_stride + NV * lanes` floats (when `n > 0`),
+///   with no alignment requirement (V may be read in place from the caller's tensor);
 /// - `o` is valid for reads and writes of `(MR - 1) * o_stride + NV` vectors.
 #[inline(always)]
 pub(crate) unsafe fn pv_block<S: Simd, const MR: usize, const NV: usize>(
@@ -64,7 +65,7 @@ pub(crate) unsafe fn pv_block<S: Simd, const MR: usize, const NV: usize>(
     p: *const f32,
     p_stride: usize,
     n: usize,
-    vv: *const S::f32s,
+    vv: *const f32,
     v_stride: usize,
     o: *mut S::f32s,
     o_stride: usize,
@@ -80,8 +81,10 @@ pub(crate) unsafe fn pv_block<S: Simd, const MR: usize, const NV: usize>(
     for j in 0..n {
         let mut x = [zero; NV];
         for (c, xv) in x.iter_mut().enumerate() {
-            // SAFETY: j < n and c < NV, within the caller's `vv` extent.
-            *xv = unsafe { vv.add(j * v_stride + c).read() };
+            // SAFETY: j < n and c < NV, within the caller's `vv` extent; unaligned read.
+            *xv = unsafe {
+                (vv.add(j * v_stride + c * S::F32_LANES) as *const S::f32s).read_unaligned()
+            };
         }
         for (r, row) in acc.iter_mut().enumerate() {
             // SAFETY: j < n and r < MR, within the caller's `p` extent.
