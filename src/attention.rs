@@ -217,13 +217,13 @@ impl<'a> Attention<'a> {
             }
             None => 1.0 / (dims.dqk as f32).sqrt(),
         };
-        if let Some(c) = self.softcap {
-            if !(c.is_finite() && c > 0.0) {
-                return Err(Error::param(
-                    "softcap",
-                    format!("must be finite and > 0, got {c}"),
-                ));
-            }
+        if let Some(c) = self.softcap
+            && !(c.is_finite() && c > 0.0)
+        {
+            return Err(Error::param(
+                "softcap",
+                format!("must be finite and > 0, got {c}"),
+            ));
         }
         if let Some(a) = self.alibi {
             if a.len() != dims.hq {

@@ -30,16 +30,16 @@ fn extent(arg: &'static str, shape: &[usize], strides: &[usize]) -> Result<Optio
 }
 
 fn check_fits(arg: &'static str, len: usize, shape: &[usize], strides: &[usize]) -> Result<()> {
-    if let Some(need) = extent(arg, shape, strides)? {
-        if need > len {
-            return Err(Error::stride(
-                arg,
-                format!(
-                    "shape {shape:?} with strides {strides:?} reaches element {} but the buffer holds {len}",
-                    need - 1
-                ),
-            ));
-        }
+    if let Some(need) = extent(arg, shape, strides)?
+        && need > len
+    {
+        return Err(Error::stride(
+            arg,
+            format!(
+                "shape {shape:?} with strides {strides:?} reaches element {} but the buffer holds {len}",
+                need - 1
+            ),
+        ));
     }
     Ok(())
 }

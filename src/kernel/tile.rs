@@ -17,6 +17,7 @@ use pulp::Simd;
 /// - `k` is valid for reads of `(MK - 1) * k_stride + d` floats;
 /// - `qt` is valid for reads of `(d - 1) * qt_stride + NV` vectors (when `d > 0`);
 /// - `st` is valid for writes of `(MK - 1) * st_stride + NV` vectors.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub(crate) unsafe fn qk_block<S: Simd, const MK: usize, const NV: usize>(
     simd: S,
@@ -59,6 +60,7 @@ pub(crate) unsafe fn qk_block<S: Simd, const MK: usize, const NV: usize>(
 /// - `vv` is valid for reads of `(n - 1) * v_stride + NV * lanes` floats (when `n > 0`),
 ///   with no alignment requirement (V may be read in place from the caller's tensor);
 /// - `o` is valid for reads and writes of `(MR - 1) * o_stride + NV` vectors.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub(crate) unsafe fn pv_block<S: Simd, const MR: usize, const NV: usize>(
     simd: S,
