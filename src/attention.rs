@@ -3,6 +3,7 @@
 use crate::backend::Backend;
 use crate::element::Element;
 use crate::error::{Error, Result};
+use crate::plan::Plan;
 use crate::tensor::{Bias, Tensor, TensorMut};
 
 /// One attention configuration: a plain value, cheap to build and reuse across calls.
@@ -176,6 +177,23 @@ impl<'a> Attention<'a> {
         o: &mut TensorMut<'_, O>,
         lse: Option<&mut [f32]>,
     ) -> Result<()> {
+        self.plan(q, k, v, o, lse)?.run_all(self.threads)
+    }
+
+    /// Validates a call and cuts it into work items without running any, for engines
+    /// that schedule work on their own threads: run each item of the [`Plan`] once.
+    /// `lse`, when given, is laid out as in [`forward_with_lse`](Self::forward_with_lse).
+    pub fn plan<'p, Q: Element, KV: Element, O: Element>(
+        &self,
+        q: Tensor<'p, Q>,
+        k: Tensor<'p, KV>,
+        v: Tensor<'p, KV>,
+        o: &'p mut TensorMut<'_, O>,
+        lse: Option<&'p mut [f32]>,
+    ) -> Result<Plan<'p, Q, KV, O>>
+    where
+        'a: 'p,
+    {
         let dims = check_inputs(&q, &k, &v)?;
         if o.shape != [dims.batch, dims.sq, dims.hq, dims.dv] {
             return Err(Error::shape(
@@ -201,7 +219,7 @@ impl<'a> Attention<'a> {
         }
         let params = self.check_params(&dims)?;
         let backend = self.resolved_backend()?;
-        crate::kernel::run(backend, self.threads, dims, params, q, k, v, o, lse)
+        Ok(Plan::new(backend, dims, params, q, k, v, o, lse))
     }
 
     pub(crate) fn check_params(&self, dims: &Dims) -> Result<Params<'a>> {

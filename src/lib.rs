@@ -59,6 +59,7 @@ mod element;
 mod error;
 mod kernel;
 mod kv;
+mod plan;
 pub mod reference;
 mod tensor;
 
@@ -67,4 +68,5 @@ pub use backend::Backend;
 pub use element::Element;
 pub use error::{Error, Result};
 pub use half::{bf16, f16};
+pub use plan::Plan;
 pub use tensor::{Bias, Tensor, TensorMut};

@@ -28,7 +28,7 @@ use crate::backend::{Backend, dispatch};
 use crate::element::Element;
 use crate::error::Result;
 use crate::kv::{DenseKv, KvSource};
-use crate::tensor::{Tensor, TensorMut};
+use crate::tensor::Tensor;
 use mask::{TileClass, TileMask};
 use pulp::{Simd, WithSimd};
 use softmax::OnlineSoftmax;
@@ -37,24 +37,48 @@ use softmax::OnlineSoftmax;
 /// stays in L2 next to Qᵀ and O while every row of the Q tile uses it.
 const BC: usize = 64;
 
+/// Keys per split of the KV range when a call has too few (batch, kv head, Q tile)
+/// groups to occupy every core (decode): at least this many tiles per split.
+const MIN_TILES_PER_SPLIT: usize = 4;
+
+/// The plan aims for at least this many work items; fewer groups are split along KV.
+/// It depends on the shape only, never on the thread count, so results are
+/// bit-identical for every number of threads.
+const TARGET_ITEMS: usize = 32;
+
+/// Rows per Q tile for each backend; must match [`Job::with_simd`].
+pub(crate) fn tile_rows(backend: Backend) -> usize {
+    match backend {
+        Backend::Avx512 => 128,
+        Backend::Avx2 => 48,
+        Backend::Neon | Backend::Scalar => 64,
+    }
+}
+
 /// Where outputs go: raw pointers shared by the workers.
 ///
-/// Each output row `(b, i, h)` and each LSE entry belongs to exactly one work item, and
-/// the output view was checked for in-bounds, non-overlapping strides, so concurrent
+/// Each output row `(b, i, h)`, each LSE entry and each partial slot belongs to exactly
+/// one work item (or to the merge of one group, which runs once, after all its items),
+/// and the output view was checked for in-bounds, non-overlapping strides, so concurrent
 /// items never write the same element.
-struct Sink<O> {
-    out: *mut O,
-    out_len: usize,
-    strides: [usize; 3],
-    dv: usize,
-    lse: *mut f32,
-    lse_len: usize,
+pub(crate) struct Sink<O> {
+    pub out: *mut O,
+    pub out_len: usize,
+    pub strides: [usize; 3],
+    pub dv: usize,
+    pub lse: *mut f32,
+    pub lse_len: usize,
+    /// Partial results of split groups: per group and split, `BR` rows of `dv` floats of
+    /// unnormalised O, then `BR` running maxima, then `BR` sums.
+    pub partial: *mut f32,
+    pub partial_len: usize,
 }
 
 // SAFETY: the pointers are only used for disjoint writes (see the type's docs), and the
-// borrows they come from outlive the call that uses them.
+// borrows they come from outlive every use (the plan holds them).
 unsafe impl<O: Send> Send for Sink<O> {}
-// SAFETY: as above; no element is read or written by two items.
+// SAFETY: as above; no element is written by two items, and split partials are read
+// only by the merge, after an acquire on the group's counter.
 unsafe impl<O: Send> Sync for Sink<O> {}
 
 impl<O: Element> Sink<O> {
@@ -77,93 +101,199 @@ impl<O: Element> Sink<O> {
             unsafe { self.lse.add(idx).write(x) };
         }
     }
+
+    /// The partial slot `[off, off + len)`.
+    ///
+    /// # Safety
+    /// The caller owns the slot: it is the item that computes it, or the group's merge
+    /// after every item of the group finished.
+    #[inline]
+    unsafe fn partial(&self, off: usize, len: usize) -> &mut [f32] {
+        assert!(off + len <= self.partial_len);
+        // SAFETY: in bounds (asserted); exclusive by the caller's contract.
+        unsafe { core::slice::from_raw_parts_mut(self.partial.add(off), len) }
+    }
+}
+
+/// The work partition, from the shape alone.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Layout {
+    /// Rows per Q tile.
+    pub br: usize,
+    /// Q tiles per (batch, kv head).
+    pub tiles: usize,
+    /// Splits of each group's KV range (1: no split).
+    pub splits: usize,
+    /// Groups: batch × kv heads × Q tiles.
+    pub groups: usize,
+}
+
+impl Layout {
+    pub fn new(d: &Dims, backend: Backend) -> Self {
+        let br = tile_rows(backend);
+        let tiles = (d.sq * d.group()).div_ceil(br);
+        let groups = d.batch * d.hkv * tiles;
+        let kv_tiles = d.skv.div_ceil(BC);
+        let splits = if groups == 0 || groups >= TARGET_ITEMS {
+            1
+        } else {
+            TARGET_ITEMS
+                .div_ceil(groups)
+                .min(kv_tiles / MIN_TILES_PER_SPLIT)
+                .max(1)
+        };
+        Layout {
+            br,
+            tiles,
+            splits,
+            groups,
+        }
+    }
+
+    pub fn items(&self) -> usize {
+        self.groups * self.splits
+    }
+
+    /// Floats of one partial slot.
+    pub fn slot(&self, dv: usize) -> usize {
+        self.br * (dv + 2)
+    }
+
+    pub fn item(&self, d: &Dims, idx: usize) -> Item {
+        let group = idx / self.splits;
+        Item {
+            b: group / (d.hkv * self.tiles),
+            g: (group / self.tiles) % d.hkv,
+            t: group % self.tiles,
+            split: idx % self.splits,
+            splits: self.splits,
+            group,
+        }
+    }
 }
 
 /// Everything an item needs, shared read-only by all workers.
-struct Ctx<'a, Q, KV, O> {
-    dims: Dims,
-    params: Params<'a>,
-    mask: TileMask,
-    q: Tensor<'a, Q>,
-    kv: DenseKv<'a, KV>,
-    sink: Sink<O>,
-    /// Scores are raw dot products (no modifier): the scale enters in the exponent.
-    modified: bool,
+pub(crate) struct Ctx<'a, Q, KV, O> {
+    pub dims: Dims,
+    pub params: Params<'a>,
+    pub mask: TileMask,
+    pub q: Tensor<'a, Q>,
+    pub kv: DenseKv<'a, KV>,
+    pub sink: Sink<O>,
+    pub layout: Layout,
+    /// Scores are modified (softcap, ALiBi, bias): the scale is applied to them, not in
+    /// the exponent.
+    pub modified: bool,
 }
 
-/// Entry point from [`crate::Attention`]: validated inputs in, outputs written.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn run<Q: Element, KV: Element, O: Element>(
+impl<'a, Q, KV, O> Ctx<'a, Q, KV, O> {
+    pub fn new(
+        dims: Dims,
+        params: Params<'a>,
+        q: Tensor<'a, Q>,
+        k: Tensor<'a, KV>,
+        v: Tensor<'a, KV>,
+        sink: Sink<O>,
+        layout: Layout,
+    ) -> Self {
+        Ctx {
+            dims,
+            params,
+            mask: TileMask::new(params.causal, params.window, dims.sq, dims.skv),
+            q,
+            kv: DenseKv { k, v },
+            sink,
+            layout,
+            modified: params.softcap.is_some() || params.alibi.is_some() || params.bias.is_some(),
+        }
+    }
+}
+
+/// Runs item `idx` on `backend`, reusing `scratch` when it was made for this backend.
+pub(crate) fn run_item_on<Q: Element, KV: Element, O: Element>(
     backend: Backend,
-    threads: usize,
-    dims: Dims,
-    params: Params<'_>,
-    q: Tensor<'_, Q>,
-    k: Tensor<'_, KV>,
-    v: Tensor<'_, KV>,
-    o: &mut TensorMut<'_, O>,
-    lse: Option<&mut [f32]>,
+    ctx: &Ctx<'_, Q, KV, O>,
+    idx: usize,
+    scratch: &mut Option<Box<dyn core::any::Any + Send>>,
 ) -> Result<()> {
-    let (lse_ptr, lse_len) = match lse {
-        Some(l) => (l.as_mut_ptr(), l.len()),
-        None => (core::ptr::null_mut(), 0),
-    };
-    let ctx = Ctx {
-        dims,
-        params,
-        mask: TileMask::new(params.causal, params.window, dims.sq, dims.skv),
-        q,
-        kv: DenseKv { k, v },
-        sink: Sink {
-            out: o.data.as_mut_ptr(),
-            out_len: o.data.len(),
-            strides: o.strides,
-            dv: dims.dv,
-            lse: lse_ptr,
-            lse_len,
-        },
-        modified: params.softcap.is_some() || params.alibi.is_some() || params.bias.is_some(),
-    };
-    dispatch(backend, Job { ctx: &ctx, threads })
+    let it = ctx.layout.item(&ctx.dims, idx);
+    dispatch(backend, Job { ctx, it, scratch })
 }
 
-struct Job<'c, 'a, Q, KV, O> {
+struct Job<'c, 'a, 's, Q, KV, O> {
     ctx: &'c Ctx<'a, Q, KV, O>,
-    threads: usize,
+    it: Item,
+    scratch: &'s mut Option<Box<dyn core::any::Any + Send>>,
 }
 
-impl<Q: Element, KV: Element, O: Element> WithSimd for Job<'_, '_, Q, KV, O> {
+impl<Q: Element, KV: Element, O: Element> WithSimd for Job<'_, '_, '_, Q, KV, O> {
     type Output = ();
 
     /// Picks the tile shapes for this backend. `MK×NVQ` and `MR×NVO` accumulator blocks
     /// must fit the register file with room for the operands:
     /// - AVX-512 (32 zmm): QK 6 keys × 4 vectors (24 acc), PV 4 rows × 4 vectors (16 acc);
-    ///   4×4v ran at 97 % and 6×4v at 94 % of FMA peak in the tooling spike.
+    ///   4×4v ran at 97 % and 6×4v at 94 % of FMA peak in the tooling spike. BR 128:
+    ///   halves the K/V re-reads from L3 against BR 64 (the V pack was 26 % of the time).
     /// - AVX2 (16 ymm): QK 6×2v (12 acc) and PV 6×2v, the 98 % shape; 16+ accumulators spill.
     /// - NEON (32 q): QK 6×4v, PV 4×4v, as AVX-512 with 4 lanes.
     /// - Scalar: 4×4 blocks of plain multiply-adds.
     ///
-    /// `BR` (rows per Q tile) is a multiple of `NVQ·lanes` and of `MR`.
+    /// `BR` (rows per Q tile, [`tile_rows`]) is a multiple of `NVQ·lanes` and of `MR`.
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
         match S::F32_LANES {
-            16 => drive::<S, Q, KV, O, 6, 4, 4, 4, 256>(simd, self.ctx, self.threads),
-            8 => drive::<S, Q, KV, O, 6, 2, 6, 2, 48>(simd, self.ctx, self.threads),
-            4 => drive::<S, Q, KV, O, 6, 4, 4, 4, 64>(simd, self.ctx, self.threads),
-            _ => drive::<S, Q, KV, O, 4, 4, 4, 4, 64>(simd, self.ctx, self.threads),
+            16 => self.go::<S, 6, 4, 4, 4, 128>(simd),
+            8 => self.go::<S, 6, 2, 6, 2, 48>(simd),
+            4 => self.go::<S, 6, 4, 4, 4, 64>(simd),
+            _ => self.go::<S, 4, 4, 4, 4, 64>(simd),
         }
     }
 }
 
-/// One work item: the query rows `[t·BR, (t+1)·BR)` of `(b, g)`.
+impl<Q: Element, KV: Element, O: Element> Job<'_, '_, '_, Q, KV, O> {
+    #[inline(always)]
+    fn go<
+        S: Simd,
+        const MK: usize,
+        const NVQ: usize,
+        const MR: usize,
+        const NVO: usize,
+        const BR: usize,
+    >(
+        self,
+        simd: S,
+    ) {
+        debug_assert_eq!(BR, self.ctx.layout.br);
+        let fresh = !matches!(
+            self.scratch.as_ref().and_then(|b| b.downcast_ref::<Scratch<S>>()),
+            Some(sc) if sc.dims == self.ctx.dims
+        );
+        if fresh {
+            *self.scratch = Some(Box::new(Scratch::<S>::new::<MK>(simd, &self.ctx.dims, BR)));
+        }
+        let sc = self
+            .scratch
+            .as_mut()
+            .and_then(|b| b.downcast_mut::<Scratch<S>>())
+            .expect("scratch was just made for this backend");
+        run_item::<S, Q, KV, O, MK, NVQ, MR, NVO, BR>(simd, self.ctx, self.it, sc);
+    }
+}
+
+/// One work item: split `split` of the KV range of the query rows `[t·BR, (t+1)·BR)`
+/// of `(b, g)`.
 #[derive(Clone, Copy, Debug)]
-struct Item {
-    b: usize,
-    g: usize,
-    t: usize,
+pub(crate) struct Item {
+    pub b: usize,
+    pub g: usize,
+    pub t: usize,
+    pub split: usize,
+    pub splits: usize,
+    pub group: usize,
 }
 
 /// Per-worker scratch, allocated once and reused by every item the worker runs.
+/// Vectors of `S::f32s` keep every packed panel aligned to the vector width.
 struct Scratch<S: Simd> {
     qt: Vec<S::f32s>,
     k: Vec<S::f32s>,
@@ -176,10 +306,30 @@ struct Scratch<S: Simd> {
     slope: Vec<S::f32s>,
     posf: Vec<S::f32s>,
     row: Vec<f32>,
+    /// The shape this scratch was sized for.
+    dims: Dims,
 }
 
-fn vecs<S: Simd>(simd: S, floats: usize) -> Vec<S::f32s> {
-    vec![simd.splat_f32s(0.0); floats.div_ceil(S::F32_LANES)]
+impl<S: Simd> Scratch<S> {
+    fn new<const MK: usize>(simd: S, d: &Dims, br: usize) -> Self {
+        let vecs = |floats: usize| vec![simd.splat_f32s(0.0); floats.div_ceil(S::F32_LANES)];
+        let dvp = d.dv.next_multiple_of(S::F32_LANES);
+        let bcp = BC.next_multiple_of(MK);
+        Scratch {
+            qt: vecs(d.dqk * br),
+            k: vecs(bcp * d.dqk),
+            v: vecs(BC * dvp),
+            st: vecs(bcp * br),
+            o: vecs(br * dvp),
+            m: vecs(br),
+            l: vecs(br),
+            alpha: vecs(br),
+            slope: vecs(br),
+            posf: vecs(br),
+            row: vec![0.0; d.dqk.max(d.dv)],
+            dims: *d,
+        }
+    }
 }
 
 fn floats<S: Simd>(v: &[S::f32s]) -> &[f32] {
@@ -188,71 +338,6 @@ fn floats<S: Simd>(v: &[S::f32s]) -> &[f32] {
 
 fn floats_mut<S: Simd>(v: &mut [S::f32s]) -> &mut [f32] {
     bytemuck::cast_slice_mut(v)
-}
-
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn drive<
-    S: Simd,
-    Q: Element,
-    KV: Element,
-    O: Element,
-    const MK: usize,
-    const NVQ: usize,
-    const MR: usize,
-    const NVO: usize,
-    const BR: usize,
->(
-    simd: S,
-    ctx: &Ctx<'_, Q, KV, O>,
-    threads: usize,
-) {
-    let d = ctx.dims;
-    let rows = d.sq * d.group();
-    let tiles = rows.div_ceil(BR);
-    let n_items = d.batch * d.hkv * tiles;
-    if n_items == 0 {
-        return;
-    }
-    let item = |idx: usize| Item {
-        b: idx / (d.hkv * tiles),
-        g: (idx / tiles) % d.hkv,
-        t: idx % tiles,
-    };
-    let new_scratch = || {
-        let lanes = S::F32_LANES;
-        let dvp = d.dv.next_multiple_of(lanes);
-        let bcp = BC.next_multiple_of(MK);
-        Scratch::<S> {
-            qt: vecs(simd, d.dqk * BR),
-            k: vecs(simd, bcp * d.dqk),
-            v: vecs(simd, BC * dvp),
-            st: vecs(simd, bcp * BR),
-            o: vecs(simd, BR * dvp),
-            m: vecs(simd, BR),
-            l: vecs(simd, BR),
-            alpha: vecs(simd, BR),
-            slope: vecs(simd, BR),
-            posf: vecs(simd, BR),
-            row: vec![0.0; d.dqk.max(d.dv)],
-        }
-    };
-
-    #[cfg(feature = "rayon")]
-    if threads != 1 && n_items > 1 {
-        use rayon::prelude::*;
-        (0..n_items)
-            .into_par_iter()
-            .for_each_init(new_scratch, |sc, idx| {
-                run_item::<S, Q, KV, O, MK, NVQ, MR, NVO, BR>(simd, ctx, item(idx), sc)
-            });
-        return;
-    }
-    let _ = threads;
-    let mut sc = new_scratch();
-    for idx in 0..n_items {
-        run_item::<S, Q, KV, O, MK, NVQ, MR, NVO, BR>(simd, ctx, item(idx), &mut sc);
-    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -343,14 +428,17 @@ fn run_item<
         let j0 = start + (k * BC) as i64;
         (j0, ((jhi - j0) as usize).min(BC))
     };
-    for kt in 0..n_tiles {
+    // This item's share of the tiles (all of them unless the group is split).
+    let k_lo = n_tiles * it.split / it.splits;
+    let k_hi = n_tiles * (it.split + 1) / it.splits;
+    for kt in k_lo..k_hi {
         let (j0, n) = tile_at(kt);
         let class = ctx.mask.classify(pmin, pmax, j0, j0 + n as i64);
         let ju = j0 as usize;
         if class == TileClass::Empty {
             continue;
         }
-        if kt + 1 < n_tiles {
+        if kt + 1 < k_hi {
             let (jn, nn) = tile_at(kt + 1);
             ctx.kv.prefetch(it.b, it.g, jn as usize, nn);
         }
@@ -494,33 +582,133 @@ fn run_item<
         }
     }
 
-    // o = O / (l + e^{sink - m}); lse = m + ln l.
     let m = floats::<S>(&sc.m);
     let l = floats::<S>(&sc.l);
-    let c = if ctx.modified { 1.0f64 } else { p.scale as f64 };
+    let o = floats::<S>(&sc.o);
+    let ostride = dvv * lanes;
+    if it.splits > 1 {
+        // A split item leaves its unnormalised state for the group's merge.
+        let br = ctx.layout.br;
+        let slot = ctx.layout.slot(dv);
+        // SAFETY: this item is the only writer of its slot; the merge reads it after
+        // the group's counter says every split finished.
+        let part = unsafe {
+            ctx.sink
+                .partial((it.group * it.splits + it.split) * slot, slot)
+        };
+        let (po, rest) = part.split_at_mut(br * dv);
+        let (pm, pl) = rest.split_at_mut(br);
+        for r in 0..nr {
+            po[r * dv..][..dv].copy_from_slice(&o[r * ostride..][..dv]);
+            pm[r] = m[r];
+            pl[r] = l[r];
+        }
+        return;
+    }
     let out = &mut sc.row[..dv];
     for r in 0..nr {
         let (i, h) = row_of(r);
-        let lse_idx = (it.b * d.hq + h) * d.sq + i;
-        let (mr, lr) = (m[r], l[r]);
-        if mr == f32::NEG_INFINITY || lr <= 0.0 {
-            out.fill(0.0);
-            ctx.sink.write_row(it.b, i, h, out);
-            ctx.sink.write_lse(lse_idx, f32::NEG_INFINITY);
-            continue;
+        finish_row(
+            ctx,
+            it.b,
+            i,
+            h,
+            m[r] as f64,
+            l[r] as f64,
+            &o[r * ostride..][..dv],
+            out,
+        );
+    }
+}
+
+/// o = O / (l + e^{sink - m}); lse = m + ln l, with `m` in the score domain of the
+/// kernel (raw dot products unless `ctx.modified`). Rows with no visible key (m = -inf)
+/// write exactly 0 and lse = -inf.
+#[allow(clippy::too_many_arguments)]
+fn finish_row<Q, KV, O: Element>(
+    ctx: &Ctx<'_, Q, KV, O>,
+    b: usize,
+    i: usize,
+    h: usize,
+    m: f64,
+    l: f64,
+    o: &[f32],
+    out: &mut [f32],
+) {
+    let d = &ctx.dims;
+    let lse_idx = (b * d.hq + h) * d.sq + i;
+    if m == f64::NEG_INFINITY || l <= 0.0 || l.is_nan() {
+        out.fill(0.0);
+        ctx.sink.write_row(b, i, h, out);
+        ctx.sink.write_lse(lse_idx, f32::NEG_INFINITY);
+        return;
+    }
+    let c = if ctx.modified {
+        1.0f64
+    } else {
+        ctx.params.scale as f64
+    };
+    let ms = m * c;
+    let mut denom = l;
+    if let Some(sinks) = ctx.params.sinks {
+        denom += (sinks[h] as f64 - ms).exp();
+    }
+    let inv = (1.0 / denom) as f32;
+    for (x, &y) in out.iter_mut().zip(o) {
+        *x = y * inv;
+    }
+    ctx.sink.write_row(b, i, h, out);
+    ctx.sink.write_lse(lse_idx, (ms + l.ln()) as f32);
+}
+
+/// Merges the splits of `group` into its output rows, in split order (deterministic).
+///
+/// # Safety
+/// Every item of the group has finished, and their writes happen-before this call
+/// (the plan's acquire/release counter).
+pub(crate) unsafe fn merge_group<Q, KV, O: Element>(ctx: &Ctx<'_, Q, KV, O>, group: usize) {
+    let d = &ctx.dims;
+    let lay = &ctx.layout;
+    let it = lay.item(d, group * lay.splits);
+    let (br, dv, splits) = (lay.br, d.dv, lay.splits);
+    let groupsz = d.group();
+    let r0 = it.t * br;
+    let nr = (d.sq * groupsz - r0).min(br);
+    let slot = lay.slot(dv);
+    let mut acc = vec![0.0f32; dv];
+    let mut out = vec![0.0f32; dv];
+    let c = if ctx.modified {
+        1.0f64
+    } else {
+        ctx.params.scale as f64
+    };
+    // SAFETY: all splits finished (the caller's contract): the slots are ours to read.
+    let parts: Vec<&mut [f32]> = (0..splits)
+        .map(|s| unsafe { ctx.sink.partial((group * splits + s) * slot, slot) })
+        .collect();
+    for r in 0..nr {
+        let (i, h) = ((r0 + r) / groupsz, it.g * groupsz + (r0 + r) % groupsz);
+        let mx = parts
+            .iter()
+            .map(|p| p[br * dv + r] as f64)
+            .fold(f64::NEG_INFINITY, f64::max);
+        acc.fill(0.0);
+        let mut l = 0.0f64;
+        if mx != f64::NEG_INFINITY {
+            for p in &parts {
+                let (ms, ls) = (p[br * dv + r] as f64, p[br * dv + br + r] as f64);
+                if ms == f64::NEG_INFINITY {
+                    continue;
+                }
+                let w = (c * (ms - mx)).exp();
+                l += ls * w;
+                let wf = w as f32;
+                for (a, &x) in acc.iter_mut().zip(&p[r * dv..][..dv]) {
+                    *a += x * wf;
+                }
+            }
         }
-        let ms = mr as f64 * c;
-        let mut denom = lr as f64;
-        if let Some(sinks) = p.sinks {
-            denom += (sinks[h] as f64 - ms).exp();
-        }
-        let inv = (1.0 / denom) as f32;
-        let orow = &floats::<S>(&sc.o)[r * dvv * lanes..][..dv];
-        for (x, &y) in out.iter_mut().zip(orow) {
-            *x = y * inv;
-        }
-        ctx.sink.write_row(it.b, i, h, out);
-        ctx.sink.write_lse(lse_idx, (ms + (lr as f64).ln()) as f32);
+        finish_row(ctx, it.b, i, h, mx, l, &acc, &mut out);
     }
 }
 

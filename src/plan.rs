@@ -1,0 +1,182 @@
+//! Work plans: the partition of one call into independent items, run by rayon, by the
+//! calling thread, or by an engine's own thread pool.
+//!
+//! The partition depends on the shape and backend only. An item is a
+//! (batch, kv head, Q tile) group, or one split of its KV range when the groups are too
+//! few to occupy every core (decode, split-KV): split items leave unnormalised partial
+//! results, and whichever item of the group finishes last merges them in split order.
+//! Every item computes the same numbers whoever runs it and in whatever order, so
+//! results are bit-identical for every thread count.
+
+use crate::attention::{Dims, Params};
+use crate::backend::Backend;
+use crate::element::Element;
+use crate::error::{Error, Result};
+use crate::kernel::{Ctx, Layout, Sink, merge_group, run_item_on};
+use crate::tensor::{Tensor, TensorMut};
+use core::marker::PhantomData;
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+type ScratchBox = Box<dyn core::any::Any + Send>;
+
+/// A validated attention call cut into independent work items.
+///
+/// Build it with [`Attention::plan`](crate::Attention::plan), then run every item in
+/// `0..plan.len()` exactly once, from any threads, in any order; the output is complete
+/// when all have returned. [`run_all`](Self::run_all) does that with rayon (or on the
+/// calling thread without the `rayon` feature).
+///
+/// ```
+/// use flashcpu::{Attention, Tensor, TensorMut};
+/// let (b, s, h, d) = (1, 1, 4, 8);
+/// let q = vec![0.5f32; b * s * h * d];
+/// let kv = vec![0.25f32; b * 600 * h * d];
+/// let mut o = vec![0.0f32; b * s * h * d];
+/// let attn = Attention::new();
+/// let plan = attn.plan(
+///     Tensor::bshd(&q, [b, s, h, d])?,
+///     Tensor::bshd(&kv, [b, 600, h, d])?,
+///     Tensor::bshd(&kv, [b, 600, h, d])?,
+///     &mut TensorMut::bshd(&mut o, [b, s, h, d])?,
+///     None,
+/// )?;
+/// for i in (0..plan.len()).rev() {
+///     plan.run(i)?; // e.g. from an engine's own worker threads
+/// }
+/// drop(plan);
+/// assert!((o[0] - 0.25).abs() < 1e-6);
+/// # Ok::<(), flashcpu::Error>(())
+/// ```
+pub struct Plan<'p, Q, KV, O> {
+    ctx: Ctx<'p, Q, KV, O>,
+    backend: Backend,
+    started: Box<[AtomicBool]>,
+    /// Per group: splits not yet finished.
+    remaining: Box<[AtomicUsize]>,
+    /// Storage behind `ctx.sink.partial`; only reached through that pointer.
+    _partials: Vec<f32>,
+    pool: Mutex<Vec<ScratchBox>>,
+    _out: PhantomData<&'p mut [O]>,
+}
+
+impl<'p, Q: Element, KV: Element, O: Element> Plan<'p, Q, KV, O> {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        backend: Backend,
+        dims: Dims,
+        params: Params<'p>,
+        q: Tensor<'p, Q>,
+        k: Tensor<'p, KV>,
+        v: Tensor<'p, KV>,
+        o: &'p mut TensorMut<'_, O>,
+        lse: Option<&'p mut [f32]>,
+    ) -> Self {
+        let layout = Layout::new(&dims, backend);
+        let mut partials = if layout.splits > 1 {
+            vec![0.0f32; layout.items() * layout.slot(dims.dv)]
+        } else {
+            Vec::new()
+        };
+        let (lse_ptr, lse_len) = match lse {
+            Some(l) => (l.as_mut_ptr(), l.len()),
+            None => (core::ptr::null_mut(), 0),
+        };
+        let sink = Sink {
+            out: o.data.as_mut_ptr(),
+            out_len: o.data.len(),
+            strides: o.strides,
+            dv: dims.dv,
+            lse: lse_ptr,
+            lse_len,
+            partial: partials.as_mut_ptr(),
+            partial_len: partials.len(),
+        };
+        let ctx = Ctx::new(dims, params, q, k, v, sink, layout);
+        Plan {
+            started: (0..layout.items())
+                .map(|_| AtomicBool::new(false))
+                .collect(),
+            remaining: (0..if layout.splits > 1 { layout.groups } else { 0 })
+                .map(|_| AtomicUsize::new(layout.splits))
+                .collect(),
+            ctx,
+            backend,
+            _partials: partials,
+            pool: Mutex::new(Vec::new()),
+            _out: PhantomData,
+        }
+    }
+
+    /// The number of work items.
+    pub fn len(&self) -> usize {
+        self.started.len()
+    }
+
+    /// Whether there is nothing to compute (an empty batch, no heads or no queries).
+    pub fn is_empty(&self) -> bool {
+        self.started.is_empty()
+    }
+
+    /// How many ways each group's KV range is split (1 unless the call has too few
+    /// (batch, kv head, Q tile) groups to occupy many cores, as in decode).
+    pub fn kv_splits(&self) -> usize {
+        self.ctx.layout.splits
+    }
+
+    /// The backend the items run on.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Runs item `i`. Each item must run once: a second call, or an index past
+    /// [`len`](Self::len), is an error and computes nothing.
+    pub fn run(&self, i: usize) -> Result<()> {
+        if i >= self.len() {
+            return Err(Error::param(
+                "item",
+                format!(
+                    "index {i} is out of range (the plan has {} items)",
+                    self.len()
+                ),
+            ));
+        }
+        if self.started[i].swap(true, Ordering::Relaxed) {
+            return Err(Error::param("item", format!("item {i} has already run")));
+        }
+        let mut scratch = self.pool.lock().map(|mut p| p.pop()).unwrap_or(None);
+        let res = run_item_on(self.backend, &self.ctx, i, &mut scratch);
+        if let Some(s) = scratch
+            && let Ok(mut p) = self.pool.lock()
+        {
+            p.push(s);
+        }
+        res?;
+        let lay = &self.ctx.layout;
+        if lay.splits > 1 {
+            let group = i / lay.splits;
+            // AcqRel: this item's partial writes are released to, and every other
+            // split's acquired by, whoever brings the count to zero.
+            if self.remaining[group].fetch_sub(1, Ordering::AcqRel) == 1 {
+                // SAFETY: the counter reached zero, so every split of the group finished
+                // and its writes happen-before this point.
+                unsafe { merge_group(&self.ctx, group) };
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs every item: on rayon's current pool with the `rayon` feature (unless
+    /// `threads == 1`), else on the calling thread.
+    pub fn run_all(&self, threads: usize) -> Result<()> {
+        #[cfg(feature = "rayon")]
+        if threads != 1 && self.len() > 1 && rayon::current_num_threads() > 1 {
+            use rayon::prelude::*;
+            return (0..self.len())
+                .into_par_iter()
+                .try_for_each(|i| self.run(i));
+        }
+        let _ = threads;
+        (0..self.len()).try_for_each(|i| self.run(i))
+    }
+}
