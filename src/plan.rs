@@ -34,17 +34,19 @@ type ScratchBox = Box<dyn core::any::Any + Send>;
 /// let kv = vec![0.25f32; b * 600 * h * d];
 /// let mut o = vec![0.0f32; b * s * h * d];
 /// let attn = Attention::new();
+/// let mut out = TensorMut::bshd(&mut o, [b, s, h, d])?;
 /// let plan = attn.plan(
 ///     Tensor::bshd(&q, [b, s, h, d])?,
 ///     Tensor::bshd(&kv, [b, 600, h, d])?,
 ///     Tensor::bshd(&kv, [b, 600, h, d])?,
-///     &mut TensorMut::bshd(&mut o, [b, s, h, d])?,
+///     &mut out,
 ///     None,
 /// )?;
 /// for i in (0..plan.len()).rev() {
 ///     plan.run(i)?; // e.g. from an engine's own worker threads
 /// }
 /// drop(plan);
+/// drop(out);
 /// assert!((o[0] - 0.25).abs() < 1e-6);
 /// # Ok::<(), flashcpu::Error>(())
 /// ```

@@ -107,6 +107,7 @@ impl<O: Element> Sink<O> {
     /// # Safety
     /// The caller owns the slot: it is the item that computes it, or the group's merge
     /// after every item of the group finished.
+    #[allow(clippy::mut_from_ref)] // the slots are behind a raw pointer, owned as documented
     #[inline]
     unsafe fn partial(&self, off: usize, len: usize) -> &mut [f32] {
         assert!(off + len <= self.partial_len);
