@@ -13,6 +13,8 @@ fn main() {
         (1, 130, 70, 4, 4, 128, 128, true),
         (1, 1, 300, 32, 8, 128, 128, false),
         (1, 5, 3, 2, 1, 3, 5, true),
+        (1, 1, 2000, 8, 2, 64, 64, false),
+        (2, 3, 1500, 4, 4, 32, 48, true),
     ] {
         let q: Vec<f32> = (0..b * sq * hq * dk).map(|_| rnd()).collect();
         let k: Vec<f32> = (0..b * skv * hkv * dk).map(|_| rnd()).collect();
