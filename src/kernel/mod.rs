@@ -417,11 +417,7 @@ fn run_item<
     let pmax = ctx.mask.pos(row_of(nr - 1).0);
     let (jlo, _) = ctx.mask.key_range(pmin);
     let (_, jhi) = ctx.mask.key_range(pmax);
-    let c_log2e = if ctx.modified {
-        core::f32::consts::LOG2_E
-    } else {
-        p.scale * core::f32::consts::LOG2_E
-    };
+    let c_dom = if ctx.modified { 1.0 } else { p.scale };
 
     // K/V tiles [start + k·BC, ...) for k < n_tiles. Odd Q tiles walk them backwards, so
     // a worker running the Q tiles of one kv head in turn starts each pass on the tiles
@@ -542,7 +538,7 @@ fn run_item<
             m: &mut sc.m[..nvec],
             l: &mut sc.l[..nvec],
         };
-        sm.update(simd, &mut sc.st, brv, n, c_log2e, &mut sc.alpha[..nvec]);
+        sm.update(simd, &mut sc.st, brv, n, c_dom, &mut sc.alpha[..nvec]);
 
         // O = α·O for rows whose max moved.
         {
@@ -740,11 +736,15 @@ fn apply_modifiers<S: Simd, Q, KV, O>(
     let p = &ctx.params;
     let brv = br / S::F32_LANES;
     let scale = simd.splat_f32s(p.scale);
+    // Scores that overflow f32 (scale 1e30 times a large dot, a negative ALiBi slope)
+    // saturate at ±f32::MAX instead of becoming ±inf, which would turn into NaN at the
+    // max subtraction; -inf from the bias or the mask is applied after this clamp.
+    let (lo, hi) = (simd.splat_f32s(-f32::MAX), simd.splat_f32s(f32::MAX));
     for j in 0..n {
         let row = &mut sc.st[j * brv..j * brv + nvec];
         let jf = simd.splat_f32s((j0 + j) as f32);
         for (v, x) in row.iter_mut().enumerate() {
-            let mut s = simd.mul_f32s(*x, scale);
+            let mut s = simd.min_f32s(simd.max_f32s(simd.mul_f32s(*x, scale), lo), hi);
             if let Some(cap) = p.softcap {
                 let capv = simd.splat_f32s(cap);
                 s = simd.mul_f32s(capv, math::tanh(simd, simd.div_f32s(s, capv)));
@@ -752,6 +752,7 @@ fn apply_modifiers<S: Simd, Q, KV, O>(
             if p.alibi.is_some() {
                 let dist = simd.abs_f32s(simd.sub_f32s(sc.posf[v], jf));
                 s = simd.sub_f32s(s, simd.mul_f32s(sc.slope[v], dist));
+                s = simd.min_f32s(s, hi);
             }
             *x = s;
         }
@@ -762,7 +763,7 @@ fn apply_modifiers<S: Simd, Q, KV, O>(
             let (i, h) = row_of(r);
             let brow = &bias.row(it.b, h, i)[j0..j0 + n];
             for (j, &bj) in brow.iter().enumerate() {
-                st[j * br + r] += bj;
+                st[j * br + r] = (st[j * br + r] + bj).min(f32::MAX);
             }
         }
     }

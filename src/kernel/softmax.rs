@@ -35,12 +35,25 @@ impl<S: Simd> OnlineSoftmax<'_, S> {
         st: &mut [S::f32s],
         stride: usize,
         n: usize,
-        c_log2e: f32,
+        c: f32,
         alpha: &mut [S::f32s],
     ) {
         let ninf = simd.splat_f32s(f32::NEG_INFINITY);
         let zero = simd.splat_f32s(0.0);
-        let cl = simd.splat_f32s(c_log2e);
+        // The exponent is (x - m)·c·log2 e. With c·log2 e finite that is one multiply;
+        // for c above f32::MAX / log2 e it is two, so that 0·∞ never makes NaN.
+        let cl_scalar = c * core::f32::consts::LOG2_E;
+        let one_mul = cl_scalar.is_finite();
+        let (c1, c2) = if one_mul {
+            (cl_scalar, 1.0)
+        } else {
+            (c, core::f32::consts::LOG2_E)
+        };
+        let (c1, c2) = (simd.splat_f32s(c1), simd.splat_f32s(c2));
+        let arg = |d: S::f32s| {
+            let t = simd.mul_f32s(d, c1);
+            if one_mul { t } else { simd.mul_f32s(t, c2) }
+        };
         for (v, ((m, l), a)) in self
             .m
             .iter_mut()
@@ -53,10 +66,10 @@ impl<S: Simd> OnlineSoftmax<'_, S> {
                 mx = simd.max_f32s(mx, *x);
             }
             let m_use = simd.select_f32s(simd.equal_f32s(mx, ninf), zero, mx);
-            *a = exp2(simd, simd.mul_f32s(simd.sub_f32s(*m, m_use), cl));
+            *a = exp2(simd, arg(simd.sub_f32s(*m, m_use)));
             let mut sum = zero;
             for x in st[v..].iter_mut().step_by(stride).take(n) {
-                let p = exp2(simd, simd.mul_f32s(simd.sub_f32s(*x, m_use), cl));
+                let p = exp2(simd, arg(simd.sub_f32s(*x, m_use)));
                 *x = p;
                 sum = simd.add_f32s(sum, p);
             }
