@@ -55,6 +55,11 @@ impl Dims {
     pub fn group(&self) -> usize {
         self.hq / self.hkv
     }
+
+    /// No output row at all (other sizes may then be anything, even overflow in product).
+    pub fn is_empty(&self) -> bool {
+        self.batch == 0 || self.sq == 0 || self.hq == 0
+    }
 }
 
 /// The validated parameters the kernel and the reference read.
@@ -206,8 +211,15 @@ impl<'a> Attention<'a> {
             ));
         }
         if let Some(lse) = &lse {
-            let want = dims.batch * dims.sq * dims.hq;
-            if lse.len() != want {
+            let want = if dims.is_empty() {
+                Some(0)
+            } else {
+                dims.batch
+                    .checked_mul(dims.sq)
+                    .and_then(|x| x.checked_mul(dims.hq))
+            };
+            if want != Some(lse.len()) {
+                let want = want.map_or("more than usize::MAX".to_string(), |w| w.to_string());
                 return Err(Error::shape(
                     "lse",
                     format!(
@@ -296,7 +308,9 @@ impl<'a> Attention<'a> {
                     ),
                 ));
             }
-            for bi in 0..bb {
+            // An empty bias (seq_q or seq_kv = 0) has no entry to check.
+            let empty = b.shape.contains(&0);
+            for bi in 0..if empty { 0 } else { bb } {
                 for hi in 0..bh {
                     for i in 0..bsq {
                         let row = b.row(bi, hi, i);

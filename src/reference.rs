@@ -5,7 +5,7 @@
 
 use crate::attention::{Attention, Dims, Params, check_inputs};
 use crate::element::Element;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
 /// The reference result: `out` is `[batch, seq_q, heads_q, d_v]` and `lse` is
@@ -61,9 +61,28 @@ pub fn attention<Q: Element, KV: Element>(
     let d = check_inputs(&q, &k, &v)?;
     let p = attn.check_params(&d)?;
     let group = d.group();
-    let mut out = vec![0.0f64; d.batch * d.sq * d.hq * d.dv];
-    let mut lse = vec![f64::NEG_INFINITY; d.batch * d.hq * d.sq];
-    let mut s = vec![0.0f64; d.skv];
+    let shape = [d.batch, d.sq, d.hq, d.dv];
+    if d.is_empty() {
+        return Ok(Reference {
+            out: Vec::new(),
+            lse: Vec::new(),
+            shape,
+        });
+    }
+    // Views may repeat rows (zero strides), so sizes are not bounded by any buffer here.
+    let alloc = |n: Option<usize>, fill: f64| -> Result<Vec<f64>> {
+        let n =
+            n.ok_or_else(|| Error::shape("q", "the output would exceed usize::MAX elements"))?;
+        let mut v = Vec::new();
+        v.try_reserve_exact(n)
+            .map_err(|_| Error::shape("q", format!("cannot allocate {n} reference outputs")))?;
+        v.resize(n, fill);
+        Ok(v)
+    };
+    let rows = d.batch.checked_mul(d.sq).and_then(|x| x.checked_mul(d.hq));
+    let mut out = alloc(rows.and_then(|x| x.checked_mul(d.dv)), 0.0)?;
+    let mut lse = alloc(rows, f64::NEG_INFINITY)?;
+    let mut s = alloc(Some(d.skv), 0.0)?;
     let scale = p.scale as f64;
     for b in 0..d.batch {
         for h in 0..d.hq {

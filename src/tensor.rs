@@ -26,7 +26,13 @@ fn extent(arg: &'static str, shape: &[usize], strides: &[usize]) -> Result<Optio
             })?;
         last = step;
     }
-    Ok(Some(last + 1))
+    let end = last.checked_add(1).ok_or_else(|| {
+        Error::stride(
+            arg,
+            format!("offsets overflow usize (shape {shape:?}, strides {strides:?})"),
+        )
+    })?;
+    Ok(Some(end))
 }
 
 fn check_fits(arg: &'static str, len: usize, shape: &[usize], strides: &[usize]) -> Result<()> {

@@ -131,19 +131,43 @@ pub(crate) struct Layout {
     pub br: usize,
     /// Q tiles per (batch, kv head).
     pub tiles: usize,
+    /// KV heads per item: all of them when a (batch, kv head) has a single, small Q tile
+    /// (decode), so an item sweeps the K/V rows of every head at a key in one pass over
+    /// memory (4 KiB contiguous in BSHD) instead of 512 B from a new page per row.
+    pub heads: usize,
     /// Splits of each group's KV range (1: no split).
     pub splits: usize,
-    /// Groups: batch × kv heads × Q tiles.
+    /// Groups: batch × head blocks × Q tiles.
     pub groups: usize,
 }
+
+/// A group holds all kv heads when its rows (over all heads) stay below this.
+const MULTI_HEAD_ROWS: usize = 256;
 
 impl Layout {
     pub fn new(d: &Dims, backend: Backend) -> Self {
         let br = tile_rows(backend);
-        let tiles = (d.sq * d.group()).div_ceil(br);
-        let groups = d.batch * d.hkv * tiles;
+        if d.is_empty() {
+            return Layout {
+                br,
+                tiles: 0,
+                heads: 1,
+                splits: 1,
+                groups: 0,
+            };
+        }
+        // Non-empty outputs were checked to fit their buffer without overlap, so these
+        // products are bounded by its length.
+        let rows = d.sq * d.group();
+        let tiles = rows.div_ceil(br);
+        let heads = if tiles == 1 && rows * d.hkv <= MULTI_HEAD_ROWS {
+            d.hkv
+        } else {
+            1
+        };
+        let groups = d.batch * d.hkv.div_ceil(heads) * tiles;
         let kv_tiles = d.skv.div_ceil(BC);
-        let splits = if groups == 0 || groups >= TARGET_ITEMS {
+        let splits = if groups >= TARGET_ITEMS {
             1
         } else {
             TARGET_ITEMS
@@ -154,6 +178,7 @@ impl Layout {
         Layout {
             br,
             tiles,
+            heads,
             splits,
             groups,
         }
@@ -163,16 +188,20 @@ impl Layout {
         self.groups * self.splits
     }
 
-    /// Floats of one partial slot.
+    /// Floats of one partial slot: per head, `br` rows of `dv` floats of O, then `br`
+    /// maxima, then `br` sums.
     pub fn slot(&self, dv: usize) -> usize {
-        self.br * (dv + 2)
+        self.heads * self.br * (dv + 2)
     }
 
     pub fn item(&self, d: &Dims, idx: usize) -> Item {
         let group = idx / self.splits;
+        let blocks = d.hkv.div_ceil(self.heads);
+        let g0 = (group / self.tiles) % blocks * self.heads;
         Item {
-            b: group / (d.hkv * self.tiles),
-            g: (group / self.tiles) % d.hkv,
+            b: group / (blocks * self.tiles),
+            g0,
+            g1: (g0 + self.heads).min(d.hkv),
             t: group % self.tiles,
             split: idx % self.splits,
             splits: self.splits,
@@ -279,7 +308,7 @@ impl<Q: Element, KV: Element, O: Element> Job<'_, '_, '_, Q, KV, O> {
             Some(sc) if sc.dims == self.ctx.dims
         );
         if fresh {
-            *self.scratch = Some(Box::new(Scratch::<S>::new::<MK>(simd, &self.ctx.dims, BR)));
+            *self.scratch = Some(Box::new(Scratch::<S>::new(&self.ctx.dims)));
         }
         let sc = self
             .scratch
@@ -291,11 +320,12 @@ impl<Q: Element, KV: Element, O: Element> Job<'_, '_, '_, Q, KV, O> {
 }
 
 /// One work item: split `split` of the KV range of the query rows `[t·BR, (t+1)·BR)`
-/// of `(b, g)`.
+/// of `(b, g)` for the kv heads `g0 <= g < g1`.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Item {
     pub b: usize,
-    pub g: usize,
+    pub g0: usize,
+    pub g1: usize,
     pub t: usize,
     pub split: usize,
     pub splits: usize,
@@ -303,7 +333,9 @@ pub(crate) struct Item {
 }
 
 /// Per-worker scratch, allocated once and reused by every item the worker runs.
-/// Vectors of `S::f32s` keep every packed panel aligned to the vector width.
+/// Vectors of `S::f32s` keep every packed panel aligned to the vector width. Per-head
+/// state (`qt`, `o`, `m`, `l`, `alpha`, `slope`, `posf`) holds one block per kv head of
+/// the item, sized to the item's rows, not to `BR`.
 struct Scratch<S: Simd> {
     qt: Vec<S::f32s>,
     k: Vec<S::f32s>,
@@ -316,30 +348,40 @@ struct Scratch<S: Simd> {
     slope: Vec<S::f32s>,
     posf: Vec<S::f32s>,
     row: Vec<f32>,
-    /// The shape this scratch was sized for.
+    /// The shape this scratch was made for.
     dims: Dims,
 }
 
 impl<S: Simd> Scratch<S> {
-    fn new<const MK: usize>(simd: S, d: &Dims, br: usize) -> Self {
-        let vecs = |floats: usize| vec![simd.splat_f32s(0.0); floats.div_ceil(S::F32_LANES)];
-        let dvp = d.dv.next_multiple_of(S::F32_LANES);
-        let bcp = BC.next_multiple_of(MK);
+    fn new(d: &Dims) -> Self {
         Scratch {
-            qt: vecs(d.dqk * br),
-            k: vecs(bcp * d.dqk),
-            v: vecs(BC * dvp),
-            st: vecs(bcp * br),
-            o: vecs(br * dvp),
-            m: vecs(br),
-            l: vecs(br),
-            alpha: vecs(br),
-            slope: vecs(br),
-            posf: vecs(br),
+            qt: Vec::new(),
+            k: Vec::new(),
+            v: Vec::new(),
+            st: Vec::new(),
+            o: Vec::new(),
+            m: Vec::new(),
+            l: Vec::new(),
+            alpha: Vec::new(),
+            slope: Vec::new(),
+            posf: Vec::new(),
             row: vec![0.0; d.dqk.max(d.dv)],
             dims: *d,
         }
     }
+}
+
+/// Grows `v` to hold at least `floats` floats (allocates only the first time a size is
+/// seen; every item of a plan asks for the same sizes).
+fn ensure<S: Simd>(simd: S, v: &mut Vec<S::f32s>, floats: usize) {
+    let n = floats.div_ceil(S::F32_LANES);
+    if v.len() < n {
+        v.resize(n, simd.splat_f32s(0.0));
+    }
+}
+
+const fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 fn floats<S: Simd>(v: &[S::f32s]) -> &[f32] {
@@ -373,48 +415,77 @@ fn run_item<
     let p = &ctx.params;
     let group = d.group();
     let (dqk, dv) = (d.dqk, d.dv);
+    let nh = it.g1 - it.g0;
     let dvv = dv.div_ceil(lanes); // O and V̂ row length in vectors
-    let brv = BR / lanes; // Qᵀ and S row length in vectors
     let r0 = it.t * BR;
     let nr = (d.sq * group - r0).min(BR);
     let nvec = nr.div_ceil(lanes);
-    let row_of = |r: usize| ((r0 + r) / group, it.g * group + (r0 + r) % group); // (i, h)
+    // Row stride of Qᵀ, S and the per-row state: whole vectors and whole PV row blocks
+    // (a multiple of lcm(lanes, MR), which divides BR).
+    let unit = lanes / gcd(lanes, MR) * MR;
+    let rs = nr.next_multiple_of(unit);
+    let rsv = rs / lanes;
+    debug_assert!(rs <= BR && BR % unit == 0);
+    let bcp = BC.next_multiple_of(MK);
+    let row_of = |g: usize, r: usize| ((r0 + r) / group, g * group + (r0 + r) % group); // (i, h)
 
-    // Pack Qᵀ: d-major, BR rows per d, zero rows past `nr`.
-    {
-        let qt = floats_mut::<S>(&mut sc.qt);
-        if nr < BR {
+    // Scratch: per head, Qᵀ (dqk × rs), O (rs × dvv vectors) and rsv vectors of row state;
+    // shared by the heads, S (bcp × rs); K̂ and V̂ per head when several heads share a tile
+    // sweep (multi-head items pack every head of a key range in one pass).
+    let kv_heads = if nh > 1 { nh } else { 1 };
+    ensure(simd, &mut sc.qt, nh * dqk * rs);
+    ensure(simd, &mut sc.o, nh * rs * dvv * lanes);
+    for v in [
+        &mut sc.m,
+        &mut sc.l,
+        &mut sc.alpha,
+        &mut sc.slope,
+        &mut sc.posf,
+    ] {
+        ensure(simd, v, nh * rs);
+    }
+    ensure(simd, &mut sc.st, bcp * rs);
+    ensure(simd, &mut sc.k, kv_heads * bcp * dqk);
+    ensure(simd, &mut sc.v, kv_heads * BC * dvv * lanes);
+    let k_len = bcp * dqk; // floats of one head's K̂
+    let v_len = BC * dvv * lanes; // floats of one head's V̂
+
+    for hi in 0..nh {
+        let g = it.g0 + hi;
+        // Pack Qᵀ: d-major, rs rows per d, zero rows past `nr`.
+        let qt = &mut floats_mut::<S>(&mut sc.qt)[hi * dqk * rs..][..dqk * rs];
+        if nr < rs {
             qt.fill(0.0);
         }
         let tmp = &mut sc.row[..dqk];
         for r in 0..nr {
-            let (i, h) = row_of(r);
+            let (i, h) = row_of(g, r);
             Q::load_row(ctx.q.row(it.b, i, h), tmp);
             for (c, &x) in tmp.iter().enumerate() {
-                qt[c * BR + r] = x;
+                qt[c * rs + r] = x;
             }
         }
-    }
-    // Per-row ALiBi slopes and positions, as lanes.
-    if let Some(slopes) = p.alibi {
-        let sl = floats_mut::<S>(&mut sc.slope);
-        let ps = floats_mut::<S>(&mut sc.posf);
-        for r in 0..nr {
-            let (i, h) = row_of(r);
-            sl[r] = slopes[h];
-            ps[r] = ctx.mask.pos(i) as f32;
+        // Per-row ALiBi slopes and positions, as lanes.
+        if let Some(slopes) = p.alibi {
+            let sl = &mut floats_mut::<S>(&mut sc.slope)[hi * rs..][..rs];
+            let ps = &mut floats_mut::<S>(&mut sc.posf)[hi * rs..][..rs];
+            for r in 0..nr {
+                let (i, h) = row_of(g, r);
+                sl[r] = slopes[h];
+                ps[r] = ctx.mask.pos(i) as f32;
+            }
         }
+        let mut sm = OnlineSoftmax::<S> {
+            m: &mut sc.m[hi * rsv..][..nvec],
+            l: &mut sc.l[hi * rsv..][..nvec],
+        };
+        sm.reset(simd);
     }
+    sc.o[..nh * rs * dvv].fill(simd.splat_f32s(0.0));
 
-    let mut sm = OnlineSoftmax::<S> {
-        m: &mut sc.m[..nvec],
-        l: &mut sc.l[..nvec],
-    };
-    sm.reset(simd);
-    sc.o[..BR * dvv].fill(simd.splat_f32s(0.0));
-
-    let pmin = ctx.mask.pos(row_of(0).0);
-    let pmax = ctx.mask.pos(row_of(nr - 1).0);
+    // Rows are position-major, so the first and last rows bound the positions.
+    let pmin = ctx.mask.pos(row_of(it.g0, 0).0);
+    let pmax = ctx.mask.pos(row_of(it.g0, nr - 1).0);
     let (jlo, _) = ctx.mask.key_range(pmin);
     let (_, jhi) = ctx.mask.key_range(pmax);
     let c_dom = if ctx.modified { 1.0 } else { p.scale };
@@ -446,145 +517,171 @@ fn run_item<
         }
         if kt + 1 < k_hi {
             let (jn, nn) = tile_at(kt + 1);
-            ctx.kv.prefetch(it.b, it.g, jn as usize, nn);
-        }
-        let nkb = n.div_ceil(MK);
-        // K: full key blocks are read in place when K is f32 (no copy, no extra pass
-        // over memory); the tail block, and every block of other types, is packed.
-        let mut kd_blocks = 0;
-        let mut kd: (*const f32, usize) = (core::ptr::null(), 0);
-        if let Some((src, stride)) = ctx.kv.k_in_place(it.b, it.g, ju) {
-            kd_blocks = n / MK;
-            if kd_blocks > 0 {
-                assert!((kd_blocks * MK - 1) * stride + dqk <= src.len());
-                kd = (src.as_ptr(), stride);
+            for g in it.g0..it.g1 {
+                ctx.kv.prefetch(it.b, g, jn as usize, nn);
             }
         }
-        let packed_keys = n - kd_blocks * MK;
-        if packed_keys > 0 {
-            ctx.kv.pack_k(
-                it.b,
-                it.g,
-                ju + kd_blocks * MK,
-                packed_keys,
-                floats_mut::<S>(&mut sc.k),
-                dqk,
+        if nh > 1 {
+            // One sweep over the key range for every head of the item.
+            for jj in 0..n {
+                for hi in 0..nh {
+                    let k = &mut floats_mut::<S>(&mut sc.k)[hi * k_len + jj * dqk..][..dqk];
+                    ctx.kv.pack_k(it.b, it.g0 + hi, ju + jj, 1, k, dqk);
+                    let v = &mut floats_mut::<S>(&mut sc.v)[hi * v_len + jj * dvv * lanes..]
+                        [..dvv * lanes];
+                    ctx.kv.pack_v(it.b, it.g0 + hi, ju + jj, 1, v, dvv * lanes);
+                }
+            }
+        }
+        for hi in 0..nh {
+            let g = it.g0 + hi;
+            let nkb = n.div_ceil(MK);
+            // K: with one head per item, full key blocks are read in place when K is
+            // f32 (no copy); the tail block, other types and multi-head items use K̂.
+            let mut kd_blocks = 0;
+            let mut kd: (*const f32, usize) = (core::ptr::null(), 0);
+            let k_off = if nh > 1 { hi * k_len } else { 0 };
+            if nh == 1 {
+                if let Some((src, stride)) = ctx.kv.k_in_place(it.b, g, ju) {
+                    kd_blocks = n / MK;
+                    if kd_blocks > 0 {
+                        assert!((kd_blocks * MK - 1) * stride + dqk <= src.len());
+                        kd = (src.as_ptr(), stride);
+                    }
+                }
+                let packed_keys = n - kd_blocks * MK;
+                if packed_keys > 0 {
+                    let dst = floats_mut::<S>(&mut sc.k);
+                    ctx.kv
+                        .pack_k(it.b, g, ju + kd_blocks * MK, packed_keys, dst, dqk);
+                }
+                // V is packed: read in place, rows 4 KiB apart (BSHD, 8 heads × 128) all
+                // land in the same L1 set, and PV, which re-reads each column block once
+                // per row block, thrashed (54 % of the time in PV).
+                ctx.kv
+                    .pack_v(it.b, g, ju, n, floats_mut::<S>(&mut sc.v), dvv * lanes);
+            }
+            let v_off = if nh > 1 { hi * v_len } else { 0 };
+            assert!(v_off + n * dvv * lanes <= sc.v.len() * lanes);
+            // SAFETY: in bounds of `sc.v` (asserted).
+            let (vp, vstride) = (
+                unsafe { (sc.v.as_ptr() as *const f32).add(v_off) },
+                dvv * lanes,
             );
-        }
-        // V is always packed: read in place, rows 4 KiB apart (BSHD with 8 heads × 128)
-        // all land in the same L1 set and the PV loop, which re-reads each column block
-        // once per row block, thrashes (measured 54 % of the time in PV).
-        ctx.kv
-            .pack_v(it.b, it.g, ju, n, floats_mut::<S>(&mut sc.v), dvv * lanes);
-        assert!(n * dvv <= sc.v.len());
-        let (vp, vstride) = (sc.v.as_ptr() as *const f32, dvv * lanes);
 
-        // S = K̂·Qᵀ.
-        assert!(
-            (nkb - kd_blocks) * MK * dqk <= sc.k.len() * lanes && dqk * BR <= sc.qt.len() * lanes
-        );
-        assert!(nkb * MK * brv <= sc.st.len() && nvec <= brv);
-        let qp = sc.qt.as_ptr();
-        let sp = sc.st.as_mut_ptr();
-        let mut rb = 0;
-        while rb < nvec {
-            let w = (nvec - rb).min(NVQ);
-            for kb in 0..nkb {
-                let (k, ks) = if kb < kd_blocks {
-                    // SAFETY: block kb < kd_blocks lies inside `src` (asserted above).
-                    (unsafe { kd.0.add(kb * MK * kd.1) }, kd.1)
-                } else {
-                    // SAFETY: packed blocks fit in `sc.k` (asserted above).
-                    (
-                        unsafe { (sc.k.as_ptr() as *const f32).add((kb - kd_blocks) * MK * dqk) },
-                        dqk,
-                    )
-                };
-                // SAFETY: the asserts above bound every extent `qk_block` touches:
-                // MK rows of K at `k` (in place or packed), Qᵀ vectors rb..rb+w ≤ brv
-                // of each of the dqk rows, and the same rows/vectors of S.
-                unsafe {
-                    let q = qp.add(rb);
-                    let s = sp.add(kb * MK * brv + rb);
-                    match w {
-                        _ if w == NVQ => {
-                            tile::qk_block::<S, MK, NVQ>(simd, k, ks, q, brv, dqk, s, brv)
+            // S = K̂·Qᵀ.
+            assert!(k_off + (nkb - kd_blocks) * MK * dqk <= sc.k.len() * lanes);
+            assert!((hi + 1) * dqk * rs <= sc.qt.len() * lanes);
+            assert!(nkb * MK * rsv <= sc.st.len() && nvec <= rsv);
+            // SAFETY: head hi's Qᵀ block is in bounds (asserted).
+            let qp = unsafe { sc.qt.as_ptr().add(hi * dqk * rsv) };
+            let sp = sc.st.as_mut_ptr();
+            let kp = sc.k.as_ptr() as *const f32;
+            let mut rb = 0;
+            while rb < nvec {
+                let w = (nvec - rb).min(NVQ);
+                for kb in 0..nkb {
+                    let (k, ks) = if kb < kd_blocks {
+                        // SAFETY: block kb < kd_blocks lies inside `src` (asserted above).
+                        (unsafe { kd.0.add(kb * MK * kd.1) }, kd.1)
+                    } else {
+                        // SAFETY: packed blocks fit in `sc.k` (asserted above).
+                        (unsafe { kp.add(k_off + (kb - kd_blocks) * MK * dqk) }, dqk)
+                    };
+                    // SAFETY: the asserts above bound every extent `qk_block` touches:
+                    // MK rows of K at `k` (in place or packed), Qᵀ vectors rb..rb+w ≤ rsv
+                    // of each of the dqk rows, and the same rows/vectors of S.
+                    unsafe {
+                        let q = qp.add(rb);
+                        let s = sp.add(kb * MK * rsv + rb);
+                        match w {
+                            _ if w == NVQ => {
+                                tile::qk_block::<S, MK, NVQ>(simd, k, ks, q, rsv, dqk, s, rsv)
+                            }
+                            1 => tile::qk_block::<S, MK, 1>(simd, k, ks, q, rsv, dqk, s, rsv),
+                            2 => tile::qk_block::<S, MK, 2>(simd, k, ks, q, rsv, dqk, s, rsv),
+                            _ => tile::qk_block::<S, MK, 3>(simd, k, ks, q, rsv, dqk, s, rsv),
                         }
-                        1 => tile::qk_block::<S, MK, 1>(simd, k, ks, q, brv, dqk, s, brv),
-                        2 => tile::qk_block::<S, MK, 2>(simd, k, ks, q, brv, dqk, s, brv),
-                        _ => tile::qk_block::<S, MK, 3>(simd, k, ks, q, brv, dqk, s, brv),
+                    }
+                }
+                rb += w;
+            }
+
+            let rows = |r: usize| row_of(g, r);
+            if ctx.modified {
+                apply_modifiers(simd, ctx, it.b, sc, hi, ju, n, nr, nvec, rs, &rows);
+            }
+            if class == TileClass::Partial {
+                let st = floats_mut::<S>(&mut sc.st);
+                for r in 0..nr {
+                    let (lo, hi) = ctx.mask.key_range(ctx.mask.pos(rows(r).0));
+                    let a = (lo - ju as i64).clamp(0, n as i64) as usize;
+                    let e = (hi - ju as i64).clamp(a as i64, n as i64) as usize;
+                    for j in (0..a).chain(e..n) {
+                        st[j * rs + r] = f32::NEG_INFINITY;
                     }
                 }
             }
-            rb += w;
-        }
 
-        if ctx.modified {
-            apply_modifiers(simd, ctx, it, sc, ju, n, nr, nvec, BR, &row_of);
-        }
-        if class == TileClass::Partial {
-            let st = floats_mut::<S>(&mut sc.st);
-            for r in 0..nr {
-                let (lo, hi) = ctx.mask.key_range(ctx.mask.pos(row_of(r).0));
-                let a = (lo - ju as i64).clamp(0, n as i64) as usize;
-                let e = (hi - ju as i64).clamp(a as i64, n as i64) as usize;
-                for j in (0..a).chain(e..n) {
-                    st[j * BR + r] = f32::NEG_INFINITY;
-                }
-            }
-        }
+            let mut sm = OnlineSoftmax::<S> {
+                m: &mut sc.m[hi * rsv..][..nvec],
+                l: &mut sc.l[hi * rsv..][..nvec],
+            };
+            sm.update(
+                simd,
+                &mut sc.st,
+                rsv,
+                n,
+                c_dom,
+                &mut sc.alpha[hi * rsv..][..nvec],
+            );
 
-        let mut sm = OnlineSoftmax::<S> {
-            m: &mut sc.m[..nvec],
-            l: &mut sc.l[..nvec],
-        };
-        sm.update(simd, &mut sc.st, brv, n, c_dom, &mut sc.alpha[..nvec]);
-
-        // O = α·O for rows whose max moved.
-        {
-            let alpha = floats::<S>(&sc.alpha);
-            for (r, orow) in sc.o.chunks_exact_mut(dvv).take(nr).enumerate() {
-                let a = alpha[r];
-                if a != 1.0 {
-                    let av = simd.splat_f32s(a);
-                    for x in orow {
-                        *x = simd.mul_f32s(*x, av);
-                    }
-                }
-            }
-        }
-
-        // O += Pᵀ·V̂.
-        let nrb = nr.div_ceil(MR);
-        assert!(nrb * MR <= BR && n * brv <= sc.st.len() && BR * dvv <= sc.o.len());
-        let pp = sc.st.as_ptr() as *const f32;
-        let op = sc.o.as_mut_ptr();
-        // Column blocks outer: one block of V (n keys × NVO vectors, 16 KiB at n = 64 on
-        // AVX-512) stays in L1 while every row block of the tile streams past it.
-        let mut cb = 0;
-        while cb < dvv {
-            let w = (dvv - cb).min(NVO);
-            for rbk in 0..nrb {
-                let rr = rbk * MR;
-                // SAFETY: rows rr..rr+MR ≤ BR of P (n key rows of BR floats) and of O
-                // (dvv vectors each), column vectors cb..cb+w ≤ dvv of V (n rows of
-                // `vstride` floats, in place or packed) and O: all inside the extents
-                // asserted above.
-                unsafe {
-                    let pr = pp.add(rr);
-                    let vv = vp.add(cb * lanes);
-                    let o = op.add(rr * dvv + cb);
-                    match w {
-                        _ if w == NVO => {
-                            tile::pv_block::<S, MR, NVO>(simd, pr, BR, n, vv, vstride, o, dvv)
+            // O = α·O for rows whose max moved.
+            let ohead = &mut sc.o[hi * rs * dvv..][..rs * dvv];
+            {
+                let alpha = &floats::<S>(&sc.alpha)[hi * rs..][..rs];
+                for (r, orow) in ohead.chunks_exact_mut(dvv).take(nr).enumerate() {
+                    let a = alpha[r];
+                    if a != 1.0 {
+                        let av = simd.splat_f32s(a);
+                        for x in orow {
+                            *x = simd.mul_f32s(*x, av);
                         }
-                        1 => tile::pv_block::<S, MR, 1>(simd, pr, BR, n, vv, vstride, o, dvv),
-                        2 => tile::pv_block::<S, MR, 2>(simd, pr, BR, n, vv, vstride, o, dvv),
-                        _ => tile::pv_block::<S, MR, 3>(simd, pr, BR, n, vv, vstride, o, dvv),
                     }
                 }
             }
-            cb += w;
+
+            // O += Pᵀ·V̂.
+            let nrb = nr.div_ceil(MR);
+            assert!(nrb * MR <= rs && n * rsv <= sc.st.len());
+            let pp = sc.st.as_ptr() as *const f32;
+            let op = ohead.as_mut_ptr();
+            // Column blocks outer: one block of V̂ (n keys × NVO vectors, 16 KiB at n = 64
+            // on AVX-512) stays in L1 while every row block of the tile streams past it.
+            let mut cb = 0;
+            while cb < dvv {
+                let w = (dvv - cb).min(NVO);
+                for rbk in 0..nrb {
+                    let rr = rbk * MR;
+                    // SAFETY: rows rr..rr+MR ≤ rs of P (n key rows of rs floats) and of
+                    // this head's O (rs rows of dvv vectors), column vectors cb..cb+w ≤ dvv
+                    // of V̂ (n rows of `vstride` floats) and O: inside the asserted extents.
+                    unsafe {
+                        let pr = pp.add(rr);
+                        let vv = vp.add(cb * lanes);
+                        let o = op.add(rr * dvv + cb);
+                        match w {
+                            _ if w == NVO => {
+                                tile::pv_block::<S, MR, NVO>(simd, pr, rs, n, vv, vstride, o, dvv)
+                            }
+                            1 => tile::pv_block::<S, MR, 1>(simd, pr, rs, n, vv, vstride, o, dvv),
+                            2 => tile::pv_block::<S, MR, 2>(simd, pr, rs, n, vv, vstride, o, dvv),
+                            _ => tile::pv_block::<S, MR, 3>(simd, pr, rs, n, vv, vstride, o, dvv),
+                        }
+                    }
+                }
+                cb += w;
+            }
         }
     }
 
@@ -602,28 +699,34 @@ fn run_item<
             ctx.sink
                 .partial((it.group * it.splits + it.split) * slot, slot)
         };
-        let (po, rest) = part.split_at_mut(br * dv);
-        let (pm, pl) = rest.split_at_mut(br);
-        for r in 0..nr {
-            po[r * dv..][..dv].copy_from_slice(&o[r * ostride..][..dv]);
-            pm[r] = m[r];
-            pl[r] = l[r];
+        for hi in 0..nh {
+            let ph = &mut part[hi * br * (dv + 2)..][..br * (dv + 2)];
+            let (po, rest) = ph.split_at_mut(br * dv);
+            let (pm, pl) = rest.split_at_mut(br);
+            for r in 0..nr {
+                po[r * dv..][..dv].copy_from_slice(&o[(hi * rs + r) * ostride..][..dv]);
+                pm[r] = m[hi * rs + r];
+                pl[r] = l[hi * rs + r];
+            }
         }
         return;
     }
     let out = &mut sc.row[..dv];
-    for r in 0..nr {
-        let (i, h) = row_of(r);
-        finish_row(
-            ctx,
-            it.b,
-            i,
-            h,
-            m[r] as f64,
-            l[r] as f64,
-            &o[r * ostride..][..dv],
-            out,
-        );
+    for hi in 0..nh {
+        for r in 0..nr {
+            let (i, h) = row_of(it.g0 + hi, r);
+            let x = hi * rs + r;
+            finish_row(
+                ctx,
+                it.b,
+                i,
+                h,
+                m[x] as f64,
+                l[x] as f64,
+                &o[x * ostride..][..dv],
+                out,
+            );
+        }
     }
 }
 
@@ -692,40 +795,47 @@ pub(crate) unsafe fn merge_group<Q, KV, O: Element>(ctx: &Ctx<'_, Q, KV, O>, gro
     let parts: Vec<&mut [f32]> = (0..splits)
         .map(|s| unsafe { ctx.sink.partial((group * splits + s) * slot, slot) })
         .collect();
-    for r in 0..nr {
-        let (i, h) = ((r0 + r) / groupsz, it.g * groupsz + (r0 + r) % groupsz);
-        let mx = parts
-            .iter()
-            .map(|p| p[br * dv + r] as f64)
-            .fold(f64::NEG_INFINITY, f64::max);
-        acc.fill(0.0);
-        let mut l = 0.0f64;
-        if mx != f64::NEG_INFINITY {
-            for p in &parts {
-                let (ms, ls) = (p[br * dv + r] as f64, p[br * dv + br + r] as f64);
-                if ms == f64::NEG_INFINITY {
-                    continue;
-                }
-                let w = (c * (ms - mx)).exp();
-                l += ls * w;
-                let wf = w as f32;
-                for (a, &x) in acc.iter_mut().zip(&p[r * dv..][..dv]) {
-                    *a += x * wf;
+    for hi in 0..it.g1 - it.g0 {
+        let base = hi * br * (dv + 2);
+        for r in 0..nr {
+            let g = it.g0 + hi;
+            let (i, h) = ((r0 + r) / groupsz, g * groupsz + (r0 + r) % groupsz);
+            let m_at = |p: &[f32]| p[base + br * dv + r] as f64;
+            let mx = parts
+                .iter()
+                .map(|p| m_at(p))
+                .fold(f64::NEG_INFINITY, f64::max);
+            acc.fill(0.0);
+            let mut l = 0.0f64;
+            if mx != f64::NEG_INFINITY {
+                for p in &parts {
+                    let (ms, ls) = (m_at(p), p[base + br * dv + br + r] as f64);
+                    if ms == f64::NEG_INFINITY {
+                        continue;
+                    }
+                    let w = (c * (ms - mx)).exp();
+                    l += ls * w;
+                    let wf = w as f32;
+                    for (a, &x) in acc.iter_mut().zip(&p[base + r * dv..][..dv]) {
+                        *a += x * wf;
+                    }
                 }
             }
+            finish_row(ctx, it.b, i, h, mx, l, &acc, &mut out);
         }
-        finish_row(ctx, it.b, i, h, mx, l, &acc, &mut out);
     }
 }
 
-/// Scale, softcap, ALiBi and bias on the tile's scores (`s` domain from here on).
+/// Scale, softcap, ALiBi and bias on the tile's scores (`s` domain from here on), for
+/// head block `hb` of the item, whose rows map to `(i, h)` through `row_of`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn apply_modifiers<S: Simd, Q, KV, O>(
     simd: S,
     ctx: &Ctx<'_, Q, KV, O>,
-    it: Item,
+    b: usize,
     sc: &mut Scratch<S>,
+    hb: usize,
     j0: usize,
     n: usize,
     nr: usize,
@@ -750,8 +860,8 @@ fn apply_modifiers<S: Simd, Q, KV, O>(
                 s = simd.mul_f32s(capv, math::tanh(simd, simd.div_f32s(s, capv)));
             }
             if p.alibi.is_some() {
-                let dist = simd.abs_f32s(simd.sub_f32s(sc.posf[v], jf));
-                s = simd.sub_f32s(s, simd.mul_f32s(sc.slope[v], dist));
+                let dist = simd.abs_f32s(simd.sub_f32s(sc.posf[hb * brv + v], jf));
+                s = simd.sub_f32s(s, simd.mul_f32s(sc.slope[hb * brv + v], dist));
                 s = simd.min_f32s(s, hi);
             }
             *x = s;
@@ -761,7 +871,7 @@ fn apply_modifiers<S: Simd, Q, KV, O>(
         let st = floats_mut::<S>(&mut sc.st);
         for r in 0..nr {
             let (i, h) = row_of(r);
-            let brow = &bias.row(it.b, h, i)[j0..j0 + n];
+            let brow = &bias.row(b, h, i)[j0..j0 + n];
             for (j, &bj) in brow.iter().enumerate() {
                 st[j * br + r] = (st[j * br + r] + bj).min(f32::MAX);
             }
