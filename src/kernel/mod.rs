@@ -425,7 +425,7 @@ fn run_item<
     let unit = lanes / gcd(lanes, MR) * MR;
     let rs = nr.next_multiple_of(unit);
     let rsv = rs / lanes;
-    debug_assert!(rs <= BR && BR % unit == 0);
+    debug_assert!(rs <= BR && BR.is_multiple_of(unit));
     let bcp = BC.next_multiple_of(MK);
     let row_of = |g: usize, r: usize| ((r0 + r) / group, g * group + (r0 + r) % group); // (i, h)
 
