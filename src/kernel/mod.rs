@@ -515,7 +515,10 @@ fn run_item<
         if class == TileClass::Empty {
             continue;
         }
-        if kt + 1 < k_hi {
+        // Single-head items read rows a page apart, where the hardware prefetchers stop:
+        // prefetch the next tile. Multi-head items sweep memory in order, and measured
+        // faster without software prefetch (6.4 vs 4.8 GB/s at Skv 32k), spread or not.
+        if nh == 1 && kt + 1 < k_hi {
             let (jn, nn) = tile_at(kt + 1);
             for g in it.g0..it.g1 {
                 ctx.kv.prefetch(it.b, g, jn as usize, nn);
