@@ -1,0 +1,109 @@
+//! Results are bit-identical across repeated calls and across thread counts.
+
+mod common;
+
+use common::{BiasSpec, Case, DType, Sinks, run};
+
+fn cases() -> Vec<Case> {
+    let mut v = Vec::new();
+    // Many work items: prefill with GQA.
+    let mut c = Case::new(2, 100, 200, 8, 2, 64, 48);
+    c.causal = true;
+    v.push(c);
+    // Decode with few (batch × kv head) items and a long KV range (split-KV territory).
+    let mut c = Case::new(1, 1, 2500, 8, 1, 128, 128);
+    c.sinks = Some(Sinks::Random(1.0));
+    v.push(c);
+    // MQA decode with every modifier and f16 storage.
+    let mut c = Case::new(2, 3, 700, 16, 1, 96, 64);
+    c.causal = true;
+    c.window = Some((300, 0));
+    c.softcap = Some(20.0);
+    c.alibi = Some(0.1);
+    c.bias = Some(BiasSpec {
+        heads_1: true,
+        neg_inf: 0.1,
+        ..BiasSpec::default()
+    });
+    c.tq = DType::F16;
+    c.tkv = DType::F16;
+    c.to = DType::F16;
+    v.push(c);
+    v
+}
+
+fn lse_bits(o: &common::Outcome) -> Vec<u32> {
+    o.lse
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|x| x.to_bits())
+        .collect()
+}
+
+#[test]
+fn repeated_calls_are_bit_identical() {
+    for c in cases() {
+        let data = c.data();
+        for be in common::backends() {
+            let first = run(&c, &data, be).unwrap();
+            for _ in 0..2 {
+                let again = run(&c, &data, be).unwrap();
+                assert!(
+                    first.bits == again.bits,
+                    "{be}: output differs between calls\n{c:?}"
+                );
+                assert!(
+                    lse_bits(&first) == lse_bits(&again),
+                    "{be}: lse differs between calls"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn thread_counts_are_bit_identical() {
+    for c in cases() {
+        let data = c.data();
+        for be in common::backends() {
+            let mut c1 = c.clone();
+            c1.threads = 1;
+            let one = run(&c1, &data, be).unwrap();
+            for threads in [0usize, 3] {
+                let mut cn = c.clone();
+                cn.threads = threads;
+                let many = run(&cn, &data, be).unwrap();
+                assert!(
+                    one.bits == many.bits,
+                    "{be}: output with threads({threads}) differs from threads(1)\n{c:?}"
+                );
+                assert!(
+                    lse_bits(&one) == lse_bits(&many),
+                    "{be}: lse with threads({threads}) differs"
+                );
+            }
+        }
+    }
+}
+
+/// Calls from several threads at once (each with its own output) agree bit for bit.
+#[test]
+fn concurrent_calls_are_bit_identical() {
+    let c = cases().remove(0);
+    let data = c.data();
+    for be in common::backends() {
+        let want = run(&c, &data, be).unwrap();
+        std::thread::scope(|s| {
+            let hs: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| run(&c, &data, be).unwrap()))
+                .collect();
+            for h in hs {
+                assert!(
+                    h.join().unwrap().bits == want.bits,
+                    "{be}: concurrent call differs"
+                );
+            }
+        });
+    }
+}

@@ -1,0 +1,104 @@
+//! Mixed storage types: Q, K/V and O types are independent. Each combination is compared
+//! with the reference computed on the same (already rounded) inputs, with the output
+//! type's rounding added to the tolerance.
+
+mod common;
+
+use common::{BiasSpec, Case, DType, check_on, compare, run_typed, tolerance};
+use flashcpu::{Element, bf16, f16};
+
+fn case(tq: DType, tkv: DType, to: DType, seed: u64) -> Case {
+    let mut c = Case::new(2, 37, 90, 6, 2, 72, 40);
+    (c.tq, c.tkv, c.to) = (tq, tkv, to);
+    c.causal = true;
+    c.softcap = Some(15.0);
+    c.bias = Some(BiasSpec {
+        batch_1: true,
+        neg_inf: 0.05,
+        ..BiasSpec::default()
+    });
+    c.amp = [2.0, 2.0, 3.0];
+    c.seed = seed;
+    c
+}
+
+fn check<Q: Element, KV: Element, O: Element>(seed: u64) {
+    let dt = |name: &str| match name {
+        "f32" => DType::F32,
+        "f16" => DType::F16,
+        _ => DType::Bf16,
+    };
+    let c = case(dt(Q::NAME), dt(KV::NAME), dt(O::NAME), seed);
+    let data = c.data();
+    let want = data.reference(&c);
+    let tol = tolerance(&c, &data);
+    for be in common::backends() {
+        let got = run_typed::<Q, KV, O>(&c, &data, be).unwrap_or_else(|e| panic!("{be}: {e}"));
+        if let Err(m) = compare(&c, &got, &want, tol) {
+            panic!("{be}, q {} kv {} o {}: {m}", Q::NAME, KV::NAME, O::NAME);
+        }
+    }
+}
+
+#[test]
+fn f16_inputs_f32_output() {
+    check::<f16, f16, f32>(1);
+}
+
+#[test]
+fn bf16_inputs_f32_output() {
+    check::<bf16, bf16, f32>(2);
+}
+
+#[test]
+fn f32_q_half_kv() {
+    check::<f32, f16, f32>(3);
+    check::<f32, bf16, f32>(4);
+}
+
+#[test]
+fn half_q_other_half_kv() {
+    check::<f16, bf16, f16>(5);
+    check::<bf16, f16, bf16>(6);
+}
+
+#[test]
+fn half_outputs() {
+    check::<f32, f32, f16>(7);
+    check::<f32, f32, bf16>(8);
+    check::<f16, f16, f16>(9);
+    check::<bf16, bf16, bf16>(10);
+    check::<bf16, f32, f16>(11);
+}
+
+/// The output type only changes the final store: the f16 and bf16 outputs are exactly
+/// the f32 output rounded to nearest even, and lse does not depend on the output type.
+#[test]
+fn output_type_only_changes_the_final_rounding() {
+    let c = case(DType::F16, DType::F16, DType::F32, 12);
+    let data = c.data();
+    let want = data.reference(&c);
+    for be in common::backends() {
+        let wide = run_typed::<f16, f16, f32>(&c, &data, be).unwrap();
+        let narrow = run_typed::<f16, f16, f16>(&c, &data, be).unwrap();
+        let nb = run_typed::<f16, f16, bf16>(&c, &data, be).unwrap();
+        // The narrow outputs are the f32 output rounded once (round to nearest even).
+        for ((w, n), b) in wide.out.iter().zip(&narrow.out).zip(&nb.out) {
+            assert_eq!(
+                f16::from_f32(*w as f32).to_f32() as f64,
+                *n,
+                "{be}: f16 store of {w}"
+            );
+            assert_eq!(
+                bf16::from_f32(*w as f32).to_f32() as f64,
+                *b,
+                "{be}: bf16 store of {w}"
+            );
+        }
+        assert_eq!(
+            wide.lse, narrow.lse,
+            "{be}: lse does not depend on the output type"
+        );
+        check_on(&c, &data, &want, be).unwrap();
+    }
+}
