@@ -1,0 +1,628 @@
+//! The performance report: measures this machine's limits, then flashcpu against them.
+//!
+//! ```text
+//! cargo run --release --example bench                         # everything, ~2-3 minutes
+//! cargo run --release --example bench -- --json --threads 1   # one JSON object per line
+//! cargo run --release --example bench -- --shapes a,c --backends avx512
+//! ```
+//!
+//! 1. **FMA peak** of one core, per backend: a register-blocked loop of independent
+//!    multiply-add chains (24 vectors on 32-register ISAs, 12 on 16-register ones), written
+//!    once over `pulp::Simd` and entered through a `WithSimd` struct, best of 5 runs. For
+//!    the scalar backend on x86-64 the limit is SSE2 (4 lanes, multiply then add): the
+//!    crate is built for baseline x86-64 and LLVM auto-vectorises parts of the scalar
+//!    kernel with it.
+//! 2. **DRAM read bandwidth**: a SIMD sum over a 1 GiB buffer, on 1 thread and on every
+//!    thread count the run uses, best of 5.
+//! 3. **Attention**: each shape, backend and thread count; a warm-up call, then repeated
+//!    timed calls (about `--budget` seconds, at least 3, at most 50), reporting the median.
+//!    Before every timed call a 64 MiB buffer is read so K/V start cold in cache, as they do
+//!    in a model where every layer has its own KV cache.
+//!
+//! FLOPs = 4·b·hq·d·(visible query/key pairs): `sq·skv` without a mask, `S(S+1)/2` causal
+//! with `sq = skv = S`. `% peak` divides by `threads × the backend's one-core peak`.
+//! GB/s counts K and V once per kv head (the bytes a perfect kernel must read); `% bw`
+//! divides by the measured bandwidth for the same thread count.
+
+use flashcpu::{Attention, Backend, Tensor, TensorMut};
+use pulp::{Simd, WithSimd};
+use rand::{RngExt, SeedableRng, rngs::StdRng};
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+/// One benchmark problem; K and V share the head dim `d`.
+#[derive(Clone, Copy, Debug)]
+struct Shape {
+    name: &'static str,
+    b: usize,
+    sq: usize,
+    skv: usize,
+    hq: usize,
+    hkv: usize,
+    d: usize,
+    causal: bool,
+}
+
+const SHAPES: [Shape; 5] = [
+    // a: MHA prefill, no mask.
+    Shape {
+        name: "a",
+        b: 1,
+        sq: 1024,
+        skv: 1024,
+        hq: 8,
+        hkv: 8,
+        d: 128,
+        causal: false,
+    },
+    // b: GQA causal prefill (Llama-3-8B-like heads).
+    Shape {
+        name: "b",
+        b: 1,
+        sq: 2048,
+        skv: 2048,
+        hq: 32,
+        hkv: 8,
+        d: 128,
+        causal: true,
+    },
+    // c: GQA decode, one query against a 4k cache.
+    Shape {
+        name: "c",
+        b: 1,
+        sq: 1,
+        skv: 4096,
+        hq: 32,
+        hkv: 8,
+        d: 128,
+        causal: true,
+    },
+    // d: small-head MHA (BERT/GPT-2-like), no mask.
+    Shape {
+        name: "d",
+        b: 1,
+        sq: 512,
+        skv: 512,
+        hq: 12,
+        hkv: 12,
+        d: 64,
+        causal: false,
+    },
+    // c32k: decode against a 32k cache (256 MiB of K+V: DRAM bound).
+    Shape {
+        name: "c32k",
+        b: 1,
+        sq: 1,
+        skv: 32768,
+        hq: 32,
+        hkv: 8,
+        d: 128,
+        causal: true,
+    },
+];
+
+impl Shape {
+    /// Query/key pairs the mask leaves visible (causal is bottom-right aligned).
+    fn visible_pairs(&self) -> u64 {
+        if !self.causal {
+            return (self.sq * self.skv) as u64;
+        }
+        (0..self.sq)
+            .map(|i| {
+                (i + self.skv)
+                    .saturating_sub(self.sq)
+                    .saturating_add(1)
+                    .min(self.skv) as u64
+            })
+            .sum()
+    }
+
+    fn flops(&self) -> f64 {
+        4.0 * (self.b * self.hq * self.d) as f64 * self.visible_pairs() as f64
+    }
+
+    /// Bytes of K and V (f32), each row read once per kv head.
+    fn kv_bytes(&self) -> f64 {
+        (self.b * self.hkv * self.skv * 2 * self.d * 4) as f64
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "B{} Hq{} Hkv{} Sq{} Skv{} D{}{}",
+            self.b,
+            self.hq,
+            self.hkv,
+            self.sq,
+            self.skv,
+            self.d,
+            if self.causal { " causal" } else { "" }
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Machine limits
+// ---------------------------------------------------------------------------------------
+
+/// `CHAINS` independent `acc = acc·a + b` chains per iteration: enough to cover the FMA
+/// latency on every port, few enough to stay in registers with `a` and `b`.
+struct FmaPeak {
+    iters: usize,
+}
+
+impl WithSimd for FmaPeak {
+    /// The FLOPs done (and a value to keep the result alive).
+    type Output = (f64, f32);
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) -> (f64, f32) {
+        if S::REGISTER_COUNT >= 32 {
+            fma_chains::<S, 24>(simd, self.iters)
+        } else {
+            fma_chains::<S, 12>(simd, self.iters)
+        }
+    }
+}
+
+#[inline(always)]
+fn fma_chains<S: Simd, const CHAINS: usize>(simd: S, iters: usize) -> (f64, f32) {
+    let a = simd.splat_f32s(black_box(0.999_999));
+    let b = simd.splat_f32s(black_box(1e-6));
+    let mut acc = [simd.splat_f32s(0.0); CHAINS];
+    for (i, x) in acc.iter_mut().enumerate() {
+        *x = simd.splat_f32s(i as f32);
+    }
+    for _ in 0..iters {
+        for x in acc.iter_mut() {
+            *x = simd.mul_add_e_f32s(*x, a, b);
+        }
+    }
+    let mut s = simd.splat_f32s(0.0);
+    for x in acc {
+        s = simd.add_f32s(s, x);
+    }
+    let flops = 2.0 * (iters * CHAINS * S::F32_LANES) as f64;
+    (flops, simd.reduce_sum_f32s(s))
+}
+
+/// Runs `op` on `backend`'s pulp token.
+fn run_on<Op: WithSimd>(backend: Backend, op: Op) -> Op::Output {
+    match backend {
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx512 => {
+            Simd::vectorize(pulp::x86::V4::try_new().expect("AVX-512 is available"), op)
+        }
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx2 => Simd::vectorize(pulp::x86::V3::try_new().expect("AVX2 is available"), op),
+        #[cfg(target_arch = "aarch64")]
+        Backend::Neon => Simd::vectorize(
+            pulp::aarch64::Neon::try_new().expect("NEON is available"),
+            op,
+        ),
+        _ => Simd::vectorize(pulp::Scalar::new(), op),
+    }
+}
+
+/// The scalar backend's limit on x86-64: the build targets baseline x86-64, where LLVM
+/// auto-vectorises parts of the "scalar" kernel with SSE2, so its ceiling is 4-lane
+/// non-fused multiply + add (12 chains), not one lane.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "sse2")]
+fn sse2_mul_add(iters: usize) -> (f64, f32) {
+    use std::arch::x86_64::*;
+    let a = _mm_set1_ps(black_box(0.999_999));
+    let b = _mm_set1_ps(black_box(1e-6));
+    let mut acc = [_mm_setzero_ps(); 12];
+    for (i, x) in acc.iter_mut().enumerate() {
+        *x = _mm_set1_ps(i as f32);
+    }
+    for _ in 0..iters {
+        for x in acc.iter_mut() {
+            *x = _mm_add_ps(_mm_mul_ps(*x, a), b);
+        }
+    }
+    let mut s = _mm_setzero_ps();
+    for x in acc {
+        s = _mm_add_ps(s, x);
+    }
+    let mut out = [0.0f32; 4];
+    // SAFETY: `out` holds 4 f32, the unaligned store writes exactly 16 bytes.
+    unsafe { _mm_storeu_ps(out.as_mut_ptr(), s) };
+    (2.0 * (iters * 12 * 4) as f64, out.iter().sum())
+}
+
+/// `backend`'s peak loop: `FmaPeak` on its pulp token (SSE2 mul+add for scalar on x86-64).
+fn peak_loop(backend: Backend, iters: usize) -> (f64, f32) {
+    #[cfg(target_arch = "x86_64")]
+    if backend == Backend::Scalar {
+        // SAFETY: SSE2 is part of the x86-64 baseline.
+        return unsafe { sse2_mul_add(iters) };
+    }
+    run_on(backend, FmaPeak { iters })
+}
+
+/// One core's FMA peak for `backend` in GFLOP/s, best of 5 runs of ~0.1 s.
+fn measure_peak(backend: Backend) -> f64 {
+    let mut iters = 1 << 16;
+    // Calibrate to ~0.1 s per run.
+    loop {
+        let t = Instant::now();
+        black_box(peak_loop(backend, iters));
+        if t.elapsed() > Duration::from_millis(25) {
+            iters *= 4;
+            break;
+        }
+        iters *= 2;
+    }
+    (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            let (flops, x) = peak_loop(backend, iters);
+            let secs = t.elapsed().as_secs_f64();
+            black_box(x);
+            flops / secs / 1e9
+        })
+        .fold(0.0, f64::max)
+}
+
+struct SumF32<'a>(&'a [f32]);
+
+impl WithSimd for SumF32<'_> {
+    type Output = f32;
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) -> f32 {
+        let (head, tail) = S::as_simd_f32s(self.0);
+        let mut acc = [simd.splat_f32s(0.0); 8];
+        let mut chunks = head.chunks_exact(8);
+        for c in &mut chunks {
+            for (a, x) in acc.iter_mut().zip(c) {
+                *a = simd.add_f32s(*a, *x);
+            }
+        }
+        let mut s = simd.splat_f32s(0.0);
+        for x in chunks.remainder().iter().chain(&acc) {
+            s = simd.add_f32s(s, *x);
+        }
+        simd.reduce_sum_f32s(s) + tail.iter().sum::<f32>()
+    }
+}
+
+/// Read bandwidth in GB/s of `threads` threads summing disjoint parts of `buf`, best of 5.
+fn measure_bw(buf: &[f32], threads: usize, backend: Backend) -> f64 {
+    let part = buf.len().div_ceil(threads);
+    (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            let total: f32 = std::thread::scope(|s| {
+                let hs: Vec<_> = buf
+                    .chunks(part)
+                    .map(|c| s.spawn(move || run_on(backend, SumF32(c))))
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).sum()
+            });
+            black_box(total);
+            std::mem::size_of_val(buf) as f64 / t.elapsed().as_secs_f64() / 1e9
+        })
+        .fold(0.0, f64::max)
+}
+
+// ---------------------------------------------------------------------------------------
+// Attention runs
+// ---------------------------------------------------------------------------------------
+
+struct Data {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    o: Vec<f32>,
+}
+
+impl Data {
+    fn new(s: &Shape, rng: &mut StdRng) -> Data {
+        let mut gen_vec =
+            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect() };
+        Data {
+            q: gen_vec(s.b * s.sq * s.hq * s.d),
+            k: gen_vec(s.b * s.skv * s.hkv * s.d),
+            v: gen_vec(s.b * s.skv * s.hkv * s.d),
+            o: vec![0.0; s.b * s.sq * s.hq * s.d],
+        }
+    }
+
+    fn forward(&mut self, s: &Shape, attn: &Attention) {
+        let q = Tensor::bshd(&self.q, [s.b, s.sq, s.hq, s.d]).unwrap();
+        let k = Tensor::bshd(&self.k, [s.b, s.skv, s.hkv, s.d]).unwrap();
+        let v = Tensor::bshd(&self.v, [s.b, s.skv, s.hkv, s.d]).unwrap();
+        let mut o = TensorMut::bshd(&mut self.o, [s.b, s.sq, s.hq, s.d]).unwrap();
+        attn.forward(q, k, v, &mut o).unwrap();
+    }
+}
+
+/// Reads `buf` (larger than the last-level cache) so the next call starts cold.
+fn evict(buf: &[u8]) {
+    let mut x = 0u8;
+    for line in buf.chunks(64) {
+        x = x.wrapping_add(line[0]);
+    }
+    black_box(x);
+}
+
+/// Runs `call` on `threads` threads: the calling thread for 1, else a rayon pool of that
+/// size (without the `rayon` feature, only 1 is possible).
+enum Runner {
+    Single,
+    #[cfg(feature = "rayon")]
+    Pool(rayon::ThreadPool),
+}
+
+impl Runner {
+    fn new(threads: usize) -> Runner {
+        if threads == 1 {
+            return Runner::Single;
+        }
+        #[cfg(feature = "rayon")]
+        {
+            Runner::Pool(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .expect("rayon pool"),
+            )
+        }
+        #[cfg(not(feature = "rayon"))]
+        panic!("more than 1 thread needs the `rayon` feature")
+    }
+
+    fn run(&self, f: &mut (dyn FnMut() + Send)) {
+        match self {
+            Runner::Single => f(),
+            #[cfg(feature = "rayon")]
+            Runner::Pool(p) => p.install(f),
+        }
+    }
+}
+
+struct Timing {
+    median_ms: f64,
+    min_ms: f64,
+    reps: usize,
+}
+
+fn time_calls(budget: f64, cold: &[u8], mut call: impl FnMut()) -> Timing {
+    // Warm-up: page in the data, spin up the pool, fill the scratch buffers.
+    let t = Instant::now();
+    call();
+    let first = t.elapsed().as_secs_f64();
+    if first < 0.05 {
+        let t = Instant::now();
+        while t.elapsed().as_secs_f64() < 0.05 {
+            call();
+        }
+    }
+    let reps = ((budget / first.max(1e-6)) as usize).clamp(3, 50);
+    let mut ms: Vec<f64> = (0..reps)
+        .map(|_| {
+            evict(cold);
+            let t = Instant::now();
+            call();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    ms.sort_by(f64::total_cmp);
+    let median_ms = if reps % 2 == 1 {
+        ms[reps / 2]
+    } else {
+        0.5 * (ms[reps / 2 - 1] + ms[reps / 2])
+    };
+    Timing {
+        median_ms,
+        min_ms: ms[0],
+        reps,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Command line
+// ---------------------------------------------------------------------------------------
+
+struct Options {
+    json: bool,
+    threads: Vec<usize>,
+    shapes: Vec<Shape>,
+    backends: Vec<Backend>,
+    budget: f64,
+}
+
+const USAGE: &str = "\
+usage: bench [--json] [--threads N[,M..]] [--shapes a,b,c,d,c32k] [--backends avx512,avx2,scalar]
+             [--budget SECONDS]
+  --json       one JSON object per line (limits first, then one per run) instead of a table
+  --threads    thread counts to run (default: 1 and all cores)
+  --shapes     shapes to run (default: all)
+  --backends   backends to run (default: every available one)
+  --budget     seconds of timed calls per run (default 0.6; at least 3 and at most 50 calls)";
+
+fn parse_args() -> Result<Options, String> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut o = Options {
+        json: false,
+        threads: if cores > 1 { vec![1, cores] } else { vec![1] },
+        shapes: SHAPES.to_vec(),
+        backends: Backend::available(),
+        budget: 0.6,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = |name: &str| args.next().ok_or(format!("{name} needs a value"));
+        match a.as_str() {
+            "--json" => o.json = true,
+            "--threads" => {
+                o.threads = value("--threads")?
+                    .split(',')
+                    .map(|t| match t.trim().parse::<usize>() {
+                        Ok(n) if n > 0 => Ok(n),
+                        _ => Err(format!("bad thread count {t:?}")),
+                    })
+                    .collect::<Result<_, _>>()?;
+            }
+            "--shapes" => {
+                o.shapes = value("--shapes")?
+                    .split(',')
+                    .map(|n| {
+                        SHAPES
+                            .iter()
+                            .find(|s| s.name == n.trim())
+                            .copied()
+                            .ok_or(format!("unknown shape {n:?}"))
+                    })
+                    .collect::<Result<_, _>>()?;
+            }
+            "--backends" => {
+                o.backends = value("--backends")?
+                    .split(',')
+                    .map(|n| {
+                        n.parse::<Backend>()
+                            .and_then(|b| b.require())
+                            .map_err(|e| e.to_string())
+                    })
+                    .collect::<Result<_, _>>()?;
+            }
+            "--budget" => {
+                o.budget = value("--budget")?
+                    .parse()
+                    .map_err(|e| format!("bad --budget: {e}"))?;
+            }
+            "--bench" => {} // passed by `cargo bench --example`-style runners
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+        }
+    }
+    if cfg!(not(feature = "rayon")) && o.threads.iter().any(|&t| t > 1) {
+        eprintln!("note: built without the `rayon` feature; running 1 thread only");
+        o.threads = vec![1];
+    }
+    Ok(o)
+}
+
+fn main() {
+    let opts = match parse_args() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let started = Instant::now();
+
+    // Limits.
+    let mut peak = BTreeMap::new();
+    for &b in &opts.backends {
+        peak.insert(b, measure_peak(b));
+    }
+    let mut bw = BTreeMap::new();
+    {
+        let buf = vec![1.0f32; (1 << 30) / 4]; // 1 GiB, every page touched
+        let mut counts = opts.threads.clone();
+        counts.push(1);
+        counts.sort_unstable();
+        counts.dedup();
+        for t in counts {
+            bw.insert(t, measure_bw(&buf, t, Backend::detect()));
+        }
+    }
+
+    let peak_json: Vec<String> = peak
+        .iter()
+        .map(|(b, g)| format!("\"{}\": {g:.1}", b.name()))
+        .collect();
+    let bw_json: Vec<String> = bw.iter().map(|(t, g)| format!("\"{t}\": {g:.2}")).collect();
+    if opts.json {
+        println!(
+            "{{\"peak_gflops\": {{{}}}, \"bw_gbps\": {{{}}}, \"cores\": {cores}}}",
+            peak_json.join(", "),
+            bw_json.join(", ")
+        );
+    } else {
+        println!("flashcpu bench — {cores} cores, {}", std::env::consts::ARCH);
+        let p: Vec<String> = peak
+            .iter()
+            .map(|(b, g)| format!("{} {g:.1}", b.name()))
+            .collect();
+        println!("measured FMA peak, one core (GFLOP/s): {}", p.join(", "));
+        let w: Vec<String> = bw
+            .iter()
+            .map(|(t, g)| format!("{t} thread{} {g:.1}", if *t == 1 { "" } else { "s" }))
+            .collect();
+        println!(
+            "measured DRAM read bandwidth, 1 GiB sum (GB/s): {}",
+            w.join(", ")
+        );
+        println!();
+        println!(
+            "| shape | problem | backend | threads | median ms | GFLOP/s | % peak | GB/s K+V | % bw |"
+        );
+        println!("|---|---|---|---:|---:|---:|---:|---:|---:|");
+    }
+
+    let cold = vec![1u8; 64 << 20];
+    let runners: Vec<(usize, Runner)> = opts.threads.iter().map(|&t| (t, Runner::new(t))).collect();
+    let mut rng = StdRng::seed_from_u64(0x5eed);
+    for shape in &opts.shapes {
+        let mut data = Data::new(shape, &mut rng);
+        for &backend in &opts.backends {
+            for (threads, runner) in &runners {
+                let mut attn = Attention::new().backend(backend);
+                if shape.causal {
+                    attn = attn.causal();
+                }
+                if *threads == 1 {
+                    attn = attn.threads(1);
+                }
+                let t = time_calls(opts.budget, &cold, || {
+                    runner.run(&mut || data.forward(shape, &attn))
+                });
+                assert!(data.o.iter().all(|x| x.is_finite()), "non-finite output");
+                let secs = t.median_ms / 1e3;
+                let gflops = shape.flops() / secs / 1e9;
+                let pct_peak = 100.0 * gflops / (*threads as f64 * peak[&backend]);
+                let gbps = shape.kv_bytes() / secs / 1e9;
+                let pct_bw = 100.0 * gbps / bw[threads];
+                if opts.json {
+                    println!(
+                        "{{\"shape\": \"{}\", \"backend\": \"{}\", \"threads\": {threads}, \
+                         \"median_ms\": {:.4}, \"min_ms\": {:.4}, \"reps\": {}, \
+                         \"gflops\": {gflops:.2}, \"pct_peak\": {pct_peak:.1}, \
+                         \"gbps\": {gbps:.2}, \"pct_bw\": {pct_bw:.1}}}",
+                        shape.name,
+                        backend.name(),
+                        t.median_ms,
+                        t.min_ms,
+                        t.reps
+                    );
+                } else {
+                    println!(
+                        "| {} | {} | {} | {threads} | {:.3} | {gflops:.1} | {pct_peak:.0} % | {gbps:.2} | {pct_bw:.0} % |",
+                        shape.name,
+                        shape.describe(),
+                        backend.name(),
+                        t.median_ms,
+                    );
+                }
+            }
+        }
+    }
+    if !opts.json {
+        println!();
+        println!(
+            "FLOPs = 4·b·hq·d·visible pairs; % peak vs threads × one-core peak of the backend; \
+             GB/s = K+V bytes once per kv head / median time; % bw vs the measured bandwidth \
+             at that thread count. K/V are evicted from cache before every timed call. \
+             Total {:.0} s.",
+            started.elapsed().as_secs_f64()
+        );
+    }
+}
