@@ -131,8 +131,11 @@ impl<'a> Attention<'a> {
         self
     }
 
-    /// Limits the worker threads: 1 runs on the calling thread, 0 (the default) uses
-    /// rayon's pool when the `rayon` feature is on. Results are bit-identical either way.
+    /// Limits the worker threads: 0 (the default) uses every thread of the current rayon
+    /// pool, `n ≥ 2` at most `n` of them (rayon's global pool unless the call runs inside
+    /// [`ThreadPool::install`](https://docs.rs/rayon/latest/rayon/struct.ThreadPool.html#method.install)),
+    /// 1 runs on the calling thread; without the `rayon` feature every call runs on the
+    /// calling thread. Results are bit-identical for every thread count.
     pub fn threads(mut self, threads: usize) -> Self {
         self.threads = threads;
         self

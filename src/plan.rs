@@ -168,15 +168,47 @@ impl<'p, Q: Element, KV: Element, O: Element> Plan<'p, Q, KV, O> {
         Ok(())
     }
 
-    /// Runs every item: on rayon's current pool with the `rayon` feature (unless
-    /// `threads == 1`), else on the calling thread.
+    /// Runs every item: with the `rayon` feature on `threads` workers of rayon's current
+    /// pool (0: all of them), else (or with `threads == 1`) on the calling thread.
+    /// Workers claim items in index order, so the longest items of a causal call, which
+    /// come first, start first.
     pub fn run_all(&self, threads: usize) -> Result<()> {
         #[cfg(feature = "rayon")]
-        if threads != 1 && self.len() > 1 && rayon::current_num_threads() > 1 {
-            use rayon::prelude::*;
-            return (0..self.len())
-                .into_par_iter()
-                .try_for_each(|i| self.run(i));
+        {
+            let pool = rayon::current_num_threads();
+            let workers = match threads {
+                0 => pool,
+                n => n.min(pool),
+            }
+            .min(self.len());
+            if workers > 1 {
+                let next = AtomicUsize::new(0);
+                let failed: Mutex<Option<Error>> = Mutex::new(None);
+                rayon::scope(|s| {
+                    for _ in 0..workers {
+                        s.spawn(|_| {
+                            loop {
+                                let i = next.fetch_add(1, Ordering::Relaxed);
+                                if i >= self.len() {
+                                    break;
+                                }
+                                if let Err(e) = self.run(i) {
+                                    // Stop every worker: the output is incomplete anyway.
+                                    next.store(self.len(), Ordering::Relaxed);
+                                    if let Ok(mut f) = failed.lock() {
+                                        f.get_or_insert(e);
+                                    }
+                                    break;
+                                }
+                            }
+                        });
+                    }
+                });
+                return match failed.into_inner() {
+                    Ok(Some(e)) => Err(e),
+                    _ => Ok(()),
+                };
+            }
         }
         let _ = threads;
         (0..self.len()).try_for_each(|i| self.run(i))
