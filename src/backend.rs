@@ -152,32 +152,3 @@ fn unavailable(backend: Backend) -> Error {
         msg: format!("this CPU/build supports {}", avail.join(", ")),
     }
 }
-
-/// Hints the CPU to bring the cache line holding `p` into L2 (a no-op elsewhere).
-///
-/// Rows of a K/V tile are often a page apart (BSHD with many heads), where the hardware
-/// prefetchers do not follow, so the driver prefetches the next tile while computing
-/// the current one. Prefetches never fault, whatever the address.
-#[inline(always)]
-pub(crate) fn prefetch_l2<T>(p: *const T) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use core::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
-        // SAFETY: a prefetch is only a hint: it never faults, whatever `p` is, and SSE
-        // is part of the x86-64 baseline.
-        #[allow(unused_unsafe)]
-        unsafe {
-            _mm_prefetch::<_MM_HINT_T1>(p as *const i8)
-        };
-    }
-    #[cfg(target_arch = "aarch64")]
-    {
-        // SAFETY: `prfm` is a hint that never faults and touches no register but its
-        // address operand.
-        unsafe {
-            core::arch::asm!("prfm pldl2keep, [{0}]", in(reg) p, options(nostack, preserves_flags, readonly))
-        };
-    }
-    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-    let _ = p;
-}

@@ -9,11 +9,11 @@
 //!     Qᵀ = the tile's rows (query positions × query heads of the kv group), packed d-major
 //!     m = -inf, l = 0, O = 0                                  // per row, f32
 //!     for each K/V tile the mask does not rule out:           // mask → loop bounds
-//!         K̂, V̂ = the tile's rows converted to f32, packed once for all rows of the tile
+//!         K̂, V̂ = the tile's rows: read in place when f32, else converted once per tile
 //!         S = K̂·Qᵀ                                            // register-blocked micro-kernel
 //!         modifiers (softcap, bias, ALiBi) and the partial-tile mask, only where needed
 //!         m' = max(m, colmax S); P = exp2((S - m')·c·log2 e); l = l·e^(m-m') + Σ P
-//!         O = O·e^(m-m') + Pᵀ·V̂                               // second micro-kernel
+//!         O = O·e^(m-m') + Pᵀ·V̂                               // the same micro-kernel
 //!     o = O / (l + e^(sink-m)); lse = m + ln l
 //! ```
 //!
@@ -22,7 +22,9 @@
 //!    `S: pulp::Simd`, with tile shapes picked per backend (`kernel/tile.rs`).
 //! 2. Scores are kept transposed (keys × query rows), so the online softmax runs across
 //!    rows in SIMD lanes with no horizontal reductions, and K is used in its natural
-//!    row-major layout.
+//!    row-major layout; O is kept transposed too, so both products broadcast K or V
+//!    straight from the caller's rows (no copy for f32) and the softmax's rescale is a
+//!    per-lane multiply folded into the PV micro-kernel.
 //! 3. The query heads that share a kv head are rows of the same tile, so each K/V tile
 //!    is read and converted once per GQA group.
 //! 4. The mask classifies tiles as empty (skipped), full (no per-element work) or partial.

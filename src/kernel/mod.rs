@@ -3,15 +3,16 @@
 //! ```text
 //! item = (batch b, kv head g, tile t of query rows)            // from the shape only
 //! rows of the tile: r = i·group + h' for query i and head g·group + h'  (GQA packing)
-//! pack Qᵀ (d_qk × BR, zero-padded); m = -inf, l = 0, O = 0
+//! pack Qᵀ (d_qk × BR, zero-padded); m = -inf, l = 0, Oᵀ = 0
 //! for each K/V tile [j0, j0+BC) inside the rows' visible key range:
 //!     class = mask.classify(tile)            // Empty → skip, Full → no masking
-//!     K̂, V̂ = source.pack(tile)               // f32, once per tile, for all BR rows
-//!     S = K̂·Qᵀ                                // tile::qk_block, MK keys × NVQ row vectors
+//!     K̂, V̂ = the tile's rows                 // in place if f32, else packed to f32 once
+//!     S = K̂·Qᵀ                                // tile::bcast_block, MK keys × NVQ row vectors
 //!     modifiers: scale, softcap, ALiBi, bias  (only when any is set)
 //!     partial mask: -inf outside each row's key range
-//!     P = online_softmax(S) → α; O = α·O      // softmax.rs
-//!     O += Pᵀ·V̂                              // tile::pv_block, MR rows × NVO column vectors
+//!     P = online_softmax(S) → α               // softmax.rs
+//!     Oᵀ = α·Oᵀ + V̂ᵀ·P                        // tile::bcast_block, MC columns × NVP row vectors
+//!                                            // (one-vector items: O = α·O + P·V̂, row-major)
 //! o = O / (l + e^{sink - m}); lse = m + ln l
 //! ```
 //!
@@ -33,6 +34,10 @@ use mask::{TileClass, TileMask};
 use pulp::{Simd, WithSimd};
 use softmax::OnlineSoftmax;
 
+/// Rows per block of the Qᵀ and Oᵀ transposes: each head-dim index (or output column)
+/// then writes (or reads) a run of 16 floats instead of 16 scattered ones.
+const TB: usize = 16;
+
 /// Keys per K/V tile. 64 keys × d 128 × 4 B = 32 KiB per packed K̂ or V̂ tile, which
 /// stays in L2 next to Qᵀ and O while every row of the Q tile uses it.
 const BC: usize = 64;
@@ -48,7 +53,7 @@ const TARGET_ITEMS: usize = 32;
 
 /// Rows per Q tile (`BR`) on AVX-512: 128 halves the K/V re-reads from L3 against 64
 /// (the V pack took 26 % of the time at 64).
-const BR_AVX512: usize = 128;
+const BR_AVX512: usize = 192;
 /// Rows per Q tile on AVX2: a multiple of 16 (2 vectors) and of 6 (the PV rows).
 const BR_AVX2: usize = 96;
 /// Rows per Q tile on NEON and Scalar.
@@ -202,7 +207,9 @@ impl Layout {
             b: group / (blocks * self.tiles),
             g0,
             g1: (g0 + self.heads).min(d.hkv),
-            t: group % self.tiles,
+            // Last Q tile first: under a causal mask it sees the most keys, and workers
+            // claim items in index order, so the longest items start first.
+            t: self.tiles - 1 - group % self.tiles,
             split: idx % self.splits,
             splits: self.splits,
             group,
@@ -267,21 +274,24 @@ struct Job<'c, 'a, 's, Q, KV, O> {
 impl<Q: Element, KV: Element, O: Element> WithSimd for Job<'_, '_, '_, Q, KV, O> {
     type Output = ();
 
-    /// Picks the tile shapes for this backend. `MK×NVQ` and `MR×NVO` accumulator blocks
-    /// must fit the register file with room for the operands:
-    /// - AVX-512 (32 zmm): QK 6 keys × 4 vectors (24 acc), PV 4 rows × 4 vectors (16 acc);
-    ///   4×4v ran at 97 % and 6×4v at 94 % of FMA peak in the tooling spike. BR 128:
-    ///   halves the K/V re-reads from L3 against BR 64 (the V pack was 26 % of the time).
-    /// - AVX2 (16 ymm): QK 6×2v (12 acc) and PV 6×2v, the 98 % shape; 16+ accumulators spill.
-    /// - NEON (32 q): QK 6×4v, PV 4×4v, as AVX-512 with 4 lanes.
+    /// Picks the tile shapes for this backend: QK blocks of `MK` keys × `NVQ` row
+    /// vectors, PV blocks of `MC` output columns × `NVP` row vectors (both broadcast
+    /// `MK`/`MC` scalars and load `NVQ`/`NVP` vectors per step), which must fit the
+    /// register file with room for the operands:
+    /// - AVX-512 (32 zmm): QK 8×3v and PV 8×3v (24 acc, 11 loads per 24 FMAs). 8 keys
+    ///   divide BC (no padded keys, against 3 % with 6×4v), a 3-vector Qᵀ slab (24 KiB at
+    ///   d 128) leaves room in L1 for the K rows, 8 columns divide the usual head dims (V
+    ///   read in place). BR 192 = 4 slabs; measured 5–10 % faster than BR 128 on a and b.
+    /// - AVX2 (16 ymm): QK 6×2v (12 acc) and PV 4×3v (12 acc, 7 loads per 12 FMAs).
+    /// - NEON (32 q): QK 6×4v, PV 4×4v.
     /// - Scalar: 4×4 blocks of plain multiply-adds.
     ///
-    /// `BR` (rows per Q tile, [`tile_rows`]) is a multiple of `NVQ·lanes` and of `MR`.
+    /// `BR` (rows per Q tile, [`tile_rows`]) is a multiple of the lane count.
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
         match S::F32_LANES {
-            16 => self.go::<S, 6, 4, 4, 4, BR_AVX512>(simd),
-            8 => self.go::<S, 6, 2, 6, 2, BR_AVX2>(simd),
+            16 => self.go::<S, 8, 3, 8, 3, BR_AVX512>(simd),
+            8 => self.go::<S, 6, 2, 4, 3, BR_AVX2>(simd),
             4 => self.go::<S, 6, 4, 4, 4, BR_OTHER>(simd),
             _ => self.go::<S, 4, 4, 4, 4, BR_OTHER>(simd),
         }
@@ -294,8 +304,8 @@ impl<Q: Element, KV: Element, O: Element> Job<'_, '_, '_, Q, KV, O> {
         S: Simd,
         const MK: usize,
         const NVQ: usize,
-        const MR: usize,
-        const NVO: usize,
+        const MC: usize,
+        const NVP: usize,
         const BR: usize,
     >(
         self,
@@ -315,7 +325,7 @@ impl<Q: Element, KV: Element, O: Element> Job<'_, '_, '_, Q, KV, O> {
             .as_mut()
             .and_then(|b| b.downcast_mut::<Scratch<S>>())
             .expect("scratch was just made for this backend");
-        run_item::<S, Q, KV, O, MK, NVQ, MR, NVO, BR>(simd, self.ctx, self.it, sc);
+        run_item::<S, Q, KV, O, MK, NVQ, MC, NVP, BR>(simd, self.ctx, self.it, sc);
     }
 }
 
@@ -347,7 +357,10 @@ struct Scratch<S: Simd> {
     alpha: Vec<S::f32s>,
     slope: Vec<S::f32s>,
     posf: Vec<S::f32s>,
+    /// One output row.
     row: Vec<f32>,
+    /// TB rows of Q, or of O, on their way through a transpose.
+    blk: Vec<f32>,
     /// The shape this scratch was made for.
     dims: Dims,
 }
@@ -365,7 +378,8 @@ impl<S: Simd> Scratch<S> {
             alpha: Vec::new(),
             slope: Vec::new(),
             posf: Vec::new(),
-            row: vec![0.0; d.dqk.max(d.dv)],
+            row: vec![0.0; d.dv],
+            blk: vec![0.0; TB * d.dqk.max(d.dv)],
             dims: *d,
         }
     }
@@ -378,10 +392,6 @@ fn ensure<S: Simd>(simd: S, v: &mut Vec<S::f32s>, floats: usize) {
     if v.len() < n {
         v.resize(n, simd.splat_f32s(0.0));
     }
-}
-
-const fn gcd(a: usize, b: usize) -> usize {
-    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 fn floats<S: Simd>(v: &[S::f32s]) -> &[f32] {
@@ -401,8 +411,8 @@ fn run_item<
     O: Element,
     const MK: usize,
     const NVQ: usize,
-    const MR: usize,
-    const NVO: usize,
+    const MC: usize,
+    const NVP: usize,
     const BR: usize,
 >(
     simd: S,
@@ -416,25 +426,35 @@ fn run_item<
     let group = d.group();
     let (dqk, dv) = (d.dqk, d.dv);
     let nh = it.g1 - it.g0;
-    let dvv = dv.div_ceil(lanes); // O and V̂ row length in vectors
+    // Oᵀ has a row per output column, padded to whole PV column blocks.
+    let dvp = dv.next_multiple_of(MC);
     let r0 = it.t * BR;
     let nr = (d.sq * group - r0).min(BR);
     let nvec = nr.div_ceil(lanes);
-    // Row stride of Qᵀ, S and the per-row state: whole vectors and whole PV row blocks
-    // (a multiple of lcm(lanes, MR), which divides BR).
-    let unit = lanes / gcd(lanes, MR) * MR;
-    let rs = nr.next_multiple_of(unit);
+    // Row stride of Qᵀ, S, P, Oᵀ and the per-row state: whole vectors.
+    let rs = nr.next_multiple_of(lanes);
     let rsv = rs / lanes;
-    debug_assert!(rs <= BR && BR.is_multiple_of(unit));
+    debug_assert!(rs <= BR && BR.is_multiple_of(lanes));
+    // Items of one row vector (decode: a GQA group's few query heads) keep O row-major
+    // and run PV the other way round (broadcast P, load V̂ vectors): with rows in lanes
+    // they would spend a broadcast per column for one useful FMA per row vector.
+    // (Not on the scalar backend, whose one-lane "vectors" hold a single row.)
+    let o_rows = nvec == 1 && lanes >= 4;
+    let dvq = dv.next_multiple_of(lanes); // O row length, row-major
+    let dvqv = dvq / lanes;
+    // V̂ rows: whole PV column blocks and whole vectors (MC and lanes divide each other).
+    let vrow = dv.next_multiple_of(MC.max(lanes));
     let bcp = BC.next_multiple_of(MK);
     let row_of = |g: usize, r: usize| ((r0 + r) / group, g * group + (r0 + r) % group); // (i, h)
 
-    // Scratch: per head, Qᵀ (dqk × rs), O (rs × dvv vectors) and rsv vectors of row state;
+    // Scratch: per head, Qᵀ (dqk × rs), Oᵀ (dvp × rs) or O (rs × dvq) and rsv vectors
+    // of row state;
     // shared by the heads, S (bcp × rs); K̂ and V̂ per head when several heads share a tile
     // sweep (multi-head items pack every head of a key range in one pass).
     let kv_heads = if nh > 1 { nh } else { 1 };
     ensure(simd, &mut sc.qt, nh * dqk * rs);
-    ensure(simd, &mut sc.o, nh * rs * dvv * lanes);
+    let o_len = if o_rows { rs * dvq } else { dvp * rs }; // floats per head
+    ensure(simd, &mut sc.o, nh * o_len);
     for v in [
         &mut sc.m,
         &mut sc.l,
@@ -446,9 +466,9 @@ fn run_item<
     }
     ensure(simd, &mut sc.st, bcp * rs);
     ensure(simd, &mut sc.k, kv_heads * bcp * dqk);
-    ensure(simd, &mut sc.v, kv_heads * BC * dvv * lanes);
+    ensure(simd, &mut sc.v, kv_heads * BC * vrow);
     let k_len = bcp * dqk; // floats of one head's K̂
-    let v_len = BC * dvv * lanes; // floats of one head's V̂
+    let v_len = BC * vrow; // floats of one head's V̂
 
     for hi in 0..nh {
         let g = it.g0 + hi;
@@ -457,12 +477,18 @@ fn run_item<
         if nr < rs {
             qt.fill(0.0);
         }
-        let tmp = &mut sc.row[..dqk];
-        for r in 0..nr {
-            let (i, h) = row_of(g, r);
-            Q::load_row(ctx.q.row(it.b, i, h), tmp);
-            for (c, &x) in tmp.iter().enumerate() {
-                qt[c * rs + r] = x;
+        // TB rows at a time, so that each d writes a run of TB floats.
+        let blk = &mut sc.blk[..TB * dqk];
+        for r0 in (0..nr).step_by(TB) {
+            let nb = (nr - r0).min(TB);
+            for (rr, dst) in blk.chunks_exact_mut(dqk).take(nb).enumerate() {
+                let (i, h) = row_of(g, r0 + rr);
+                Q::load_row(ctx.q.row(it.b, i, h), dst);
+            }
+            for (c, run) in qt.chunks_exact_mut(rs).enumerate() {
+                for (rr, x) in run[r0..r0 + nb].iter_mut().enumerate() {
+                    *x = blk[rr * dqk + c];
+                }
             }
         }
         // Per-row ALiBi slopes and positions, as lanes.
@@ -481,7 +507,7 @@ fn run_item<
         };
         sm.reset(simd);
     }
-    sc.o[..nh * rs * dvv].fill(simd.splat_f32s(0.0));
+    sc.o[..nh * o_len / lanes].fill(simd.splat_f32s(0.0));
 
     // Rows are position-major, so the first and last rows bound the positions.
     let pmin = ctx.mask.pos(row_of(it.g0, 0).0);
@@ -515,24 +541,18 @@ fn run_item<
         if class == TileClass::Empty {
             continue;
         }
-        // Single-head items read rows a page apart, where the hardware prefetchers stop:
-        // prefetch the next tile. Multi-head items sweep memory in order, and measured
-        // faster without software prefetch (6.4 vs 4.8 GB/s at Skv 32k), spread or not.
-        if nh == 1 && kt + 1 < k_hi {
-            let (jn, nn) = tile_at(kt + 1);
-            for g in it.g0..it.g1 {
-                ctx.kv.prefetch(it.b, g, jn as usize, nn);
-            }
-        }
+        // No software prefetch: for single-head items it cost 5–8 % on a and b (the
+        // tiles a Q tile pass needs were mostly in L2 or L3 already), and multi-head
+        // (decode) items, which sweep memory in order, ran at 4.8 instead of 6.4 GB/s
+        // with it.
         if nh > 1 {
             // One sweep over the key range for every head of the item.
             for jj in 0..n {
                 for hi in 0..nh {
                     let k = &mut floats_mut::<S>(&mut sc.k)[hi * k_len + jj * dqk..][..dqk];
                     ctx.kv.pack_k(it.b, it.g0 + hi, ju + jj, 1, k, dqk);
-                    let v = &mut floats_mut::<S>(&mut sc.v)[hi * v_len + jj * dvv * lanes..]
-                        [..dvv * lanes];
-                    ctx.kv.pack_v(it.b, it.g0 + hi, ju + jj, 1, v, dvv * lanes);
+                    let v = &mut floats_mut::<S>(&mut sc.v)[hi * v_len + jj * vrow..][..vrow];
+                    ctx.kv.pack_v(it.b, it.g0 + hi, ju + jj, 1, v, vrow);
                 }
             }
         }
@@ -558,19 +578,31 @@ fn run_item<
                     ctx.kv
                         .pack_k(it.b, g, ju + kd_blocks * MK, packed_keys, dst, dqk);
                 }
-                // V is packed: read in place, rows 4 KiB apart (BSHD, 8 heads × 128) all
-                // land in the same L1 set, and PV, which re-reads each column block once
-                // per row block, thrashed (54 % of the time in PV).
-                ctx.kv
-                    .pack_v(it.b, g, ju, n, floats_mut::<S>(&mut sc.v), dvv * lanes);
             }
-            let v_off = if nh > 1 { hi * v_len } else { 0 };
-            assert!(v_off + n * dvv * lanes <= sc.v.len() * lanes);
-            // SAFETY: in bounds of `sc.v` (asserted).
-            let (vp, vstride) = (
-                unsafe { (sc.v.as_ptr() as *const f32).add(v_off) },
-                dvv * lanes,
-            );
+            // V: with one head per item, read in place when it is f32 and its columns
+            // fill whole PV blocks; else packed into V̂ (rows of vrow floats, the padding
+            // columns zero). PV broadcasts V, so in place it costs no copy, and rows
+            // that share an L1 set (BSHD rows 4 KiB apart) cost one L2 read per key.
+            let mut vsrc: (*const f32, usize) = (core::ptr::null(), vrow);
+            if nh == 1
+                && !o_rows
+                && n > 0
+                && dv.is_multiple_of(MC)
+                && let Some((src, stride)) = ctx.kv.v_in_place(it.b, g, ju)
+            {
+                assert!((n - 1) * stride + dv <= src.len());
+                vsrc = (src.as_ptr(), stride);
+            }
+            if vsrc.0.is_null() {
+                let v_off = if nh > 1 { hi * v_len } else { 0 };
+                assert!(v_off + n * vrow <= sc.v.len() * lanes);
+                if nh == 1 {
+                    ctx.kv
+                        .pack_v(it.b, g, ju, n, floats_mut::<S>(&mut sc.v), vrow);
+                }
+                // SAFETY: in bounds of `sc.v` (asserted).
+                vsrc.0 = unsafe { (sc.v.as_ptr() as *const f32).add(v_off) };
+            }
 
             // S = K̂·Qᵀ.
             assert!(k_off + (nkb - kd_blocks) * MK * dqk <= sc.k.len() * lanes);
@@ -591,19 +623,26 @@ fn run_item<
                         // SAFETY: packed blocks fit in `sc.k` (asserted above).
                         (unsafe { kp.add(k_off + (kb - kd_blocks) * MK * dqk) }, dqk)
                     };
-                    // SAFETY: the asserts above bound every extent `qk_block` touches:
+                    // SAFETY: the asserts above bound every extent `bcast_block` touches:
                     // MK rows of K at `k` (in place or packed), Qᵀ vectors rb..rb+w ≤ rsv
                     // of each of the dqk rows, and the same rows/vectors of S.
                     unsafe {
                         let q = qp.add(rb);
                         let s = sp.add(kb * MK * rsv + rb);
+                        let z = core::ptr::null();
                         match w {
-                            _ if w == NVQ => {
-                                tile::qk_block::<S, MK, NVQ>(simd, k, ks, q, rsv, dqk, s, rsv)
-                            }
-                            1 => tile::qk_block::<S, MK, 1>(simd, k, ks, q, rsv, dqk, s, rsv),
-                            2 => tile::qk_block::<S, MK, 2>(simd, k, ks, q, rsv, dqk, s, rsv),
-                            _ => tile::qk_block::<S, MK, 3>(simd, k, ks, q, rsv, dqk, s, rsv),
+                            _ if w == NVQ => tile::bcast_block::<S, MK, NVQ, { tile::SET }>(
+                                simd, k, ks, 1, q, rsv, dqk, s, rsv, z,
+                            ),
+                            1 => tile::bcast_block::<S, MK, 1, { tile::SET }>(
+                                simd, k, ks, 1, q, rsv, dqk, s, rsv, z,
+                            ),
+                            2 => tile::bcast_block::<S, MK, 2, { tile::SET }>(
+                                simd, k, ks, 1, q, rsv, dqk, s, rsv, z,
+                            ),
+                            _ => tile::bcast_block::<S, MK, 3, { tile::SET }>(
+                                simd, k, ks, 1, q, rsv, dqk, s, rsv, z,
+                            ),
                         }
                     }
                 }
@@ -639,51 +678,88 @@ fn run_item<
                 &mut sc.alpha[hi * rsv..][..nvec],
             );
 
-            // O = α·O for rows whose max moved.
-            let ohead = &mut sc.o[hi * rs * dvv..][..rs * dvv];
-            {
-                let alpha = &floats::<S>(&sc.alpha)[hi * rs..][..rs];
-                for (r, orow) in ohead.chunks_exact_mut(dvv).take(nr).enumerate() {
-                    let a = alpha[r];
-                    if a != 1.0 {
-                        let av = simd.splat_f32s(a);
-                        for x in orow {
-                            *x = simd.mul_f32s(*x, av);
-                        }
-                    }
-                }
-            }
-
-            // O += Pᵀ·V̂.
-            let nrb = nr.div_ceil(MR);
-            assert!(nrb * MR <= rs && n * rsv <= sc.st.len());
-            let pp = sc.st.as_ptr() as *const f32;
+            // Oᵀ = α·Oᵀ + V̂ᵀ·P. Row blocks outer: one block of P (n keys × NVP vectors,
+            // 12 KiB at n = 64, NVP = 3 on AVX-512) stays in L1 while every column block
+            // of V streams past it.
+            let ohead = &mut sc.o[hi * o_len / lanes..][..o_len / lanes];
+            let alpha = &floats::<S>(&sc.alpha)[hi * rs..][..rs];
+            assert!(n * rsv <= sc.st.len());
             let op = ohead.as_mut_ptr();
-            // Column blocks outer: one block of V̂ (n keys × NVO vectors, 16 KiB at n = 64
-            // on AVX-512) stays in L1 while every row block of the tile streams past it.
-            let mut cb = 0;
-            while cb < dvv {
-                let w = (dvv - cb).min(NVO);
-                for rbk in 0..nrb {
-                    let rr = rbk * MR;
-                    // SAFETY: rows rr..rr+MR ≤ rs of P (n key rows of rs floats) and of
-                    // this head's O (rs rows of dvv vectors), column vectors cb..cb+w ≤ dvv
-                    // of V̂ (n rows of `vstride` floats) and O: inside the asserted extents.
-                    unsafe {
-                        let pr = pp.add(rr);
-                        let vv = vp.add(cb * lanes);
-                        let o = op.add(rr * dvv + cb);
-                        match w {
-                            _ if w == NVO => {
-                                tile::pv_block::<S, MR, NVO>(simd, pr, rs, n, vv, vstride, o, dvv)
+            let (vp, vstride) = vsrc;
+            if o_rows {
+                // O = α·O + P·V̂ over blocks of OR rows × NVO column vectors.
+                const OR: usize = 4;
+                const NVO: usize = 4;
+                let pp = sc.st.as_ptr() as *const f32;
+                let vv = vp as *const S::f32s;
+                debug_assert!(vstride.is_multiple_of(lanes));
+                for r0 in (0..nr).step_by(OR) {
+                    assert!(r0 + OR <= rs);
+                    let mut cb = 0;
+                    while cb < dvqv {
+                        let w = (dvqv - cb).min(NVO);
+                        // SAFETY: P rows j < n, floats r0..r0+OR ≤ rs of each (asserted);
+                        // V̂ rows j < n, vectors cb..cb+w ≤ dvqv ≤ vrow/lanes (packed in
+                        // `sc.v`, asserted above); O rows r0..r0+OR ≤ rs of dvqv vectors
+                        // and α floats r0..r0+OR ≤ rs: in this head's blocks.
+                        unsafe {
+                            let a = pp.add(r0);
+                            let b = vv.add(cb);
+                            let o = op.add(r0 * dvqv + cb);
+                            let al = alpha.as_ptr().add(r0);
+                            let vs = vstride / lanes;
+                            match w {
+                                NVO => tile::bcast_block::<S, OR, NVO, { tile::ACC_ROWS }>(
+                                    simd, a, 1, rs, b, vs, n, o, dvqv, al,
+                                ),
+                                1 => tile::bcast_block::<S, OR, 1, { tile::ACC_ROWS }>(
+                                    simd, a, 1, rs, b, vs, n, o, dvqv, al,
+                                ),
+                                2 => tile::bcast_block::<S, OR, 2, { tile::ACC_ROWS }>(
+                                    simd, a, 1, rs, b, vs, n, o, dvqv, al,
+                                ),
+                                _ => tile::bcast_block::<S, OR, 3, { tile::ACC_ROWS }>(
+                                    simd, a, 1, rs, b, vs, n, o, dvqv, al,
+                                ),
                             }
-                            1 => tile::pv_block::<S, MR, 1>(simd, pr, rs, n, vv, vstride, o, dvv),
-                            2 => tile::pv_block::<S, MR, 2>(simd, pr, rs, n, vv, vstride, o, dvv),
-                            _ => tile::pv_block::<S, MR, 3>(simd, pr, rs, n, vv, vstride, o, dvv),
+                        }
+                        cb += w;
+                    }
+                }
+                continue;
+            }
+            let pp = sc.st.as_ptr();
+            let mut rb = 0;
+            while rb < nvec {
+                let w = (nvec - rb).min(NVP);
+                for cb in (0..dvp).step_by(MC) {
+                    // SAFETY: P rows j < n of rs floats (asserted), Oᵀ rows cb..cb+MC ≤ dvp
+                    // and row vectors rb..rb+w ≤ nvec ≤ rsv of this head's block, α
+                    // vectors rb..rb+w < nvec, and V rows j < n, columns cb..cb+MC: in
+                    // place those are < dv (dv is a multiple of MC there) within the
+                    // asserted extent, packed < dvp within `sc.v` (asserted).
+                    unsafe {
+                        let v = vp.add(cb);
+                        let pr = pp.add(rb);
+                        let o = op.add(cb * rsv + rb);
+                        let al = alpha.as_ptr().add(rb * lanes);
+                        match w {
+                            _ if w == NVP => tile::bcast_block::<S, MC, NVP, { tile::ACC_LANES }>(
+                                simd, v, 1, vstride, pr, rsv, n, o, rsv, al,
+                            ),
+                            1 => tile::bcast_block::<S, MC, 1, { tile::ACC_LANES }>(
+                                simd, v, 1, vstride, pr, rsv, n, o, rsv, al,
+                            ),
+                            2 => tile::bcast_block::<S, MC, 2, { tile::ACC_LANES }>(
+                                simd, v, 1, vstride, pr, rsv, n, o, rsv, al,
+                            ),
+                            _ => tile::bcast_block::<S, MC, 3, { tile::ACC_LANES }>(
+                                simd, v, 1, vstride, pr, rsv, n, o, rsv, al,
+                            ),
                         }
                     }
                 }
-                cb += w;
+                rb += w;
             }
         }
     }
@@ -691,7 +767,17 @@ fn run_item<
     let m = floats::<S>(&sc.m);
     let l = floats::<S>(&sc.l);
     let o = floats::<S>(&sc.o);
-    let ostride = dvv * lanes;
+    // Row r of head hi's output: row r of its O block, or column r of its Oᵀ block.
+    let gather = |hi: usize, r: usize, dst: &mut [f32]| {
+        if o_rows {
+            dst.copy_from_slice(&o[hi * o_len + r * dvq..][..dv]);
+        } else {
+            let col = &o[hi * o_len + r..];
+            for (c, x) in dst.iter_mut().enumerate() {
+                *x = col[c * rs];
+            }
+        }
+    };
     if it.splits > 1 {
         // A split item leaves its unnormalised state for the group's merge.
         let br = ctx.layout.br;
@@ -707,28 +793,39 @@ fn run_item<
             let (po, rest) = ph.split_at_mut(br * dv);
             let (pm, pl) = rest.split_at_mut(br);
             for r in 0..nr {
-                po[r * dv..][..dv].copy_from_slice(&o[(hi * rs + r) * ostride..][..dv]);
+                gather(hi, r, &mut po[r * dv..][..dv]);
                 pm[r] = m[hi * rs + r];
                 pl[r] = l[hi * rs + r];
             }
         }
         return;
     }
+    // TB rows at a time, so that each output column reads a run of TB floats of Oᵀ.
     let out = &mut sc.row[..dv];
+    let blk = &mut sc.blk[..TB * dv];
     for hi in 0..nh {
-        for r in 0..nr {
-            let (i, h) = row_of(it.g0 + hi, r);
-            let x = hi * rs + r;
-            finish_row(
-                ctx,
-                it.b,
-                i,
-                h,
-                m[x] as f64,
-                l[x] as f64,
-                &o[x * ostride..][..dv],
-                out,
-            );
+        if o_rows {
+            for r in 0..nr {
+                let (i, h) = row_of(it.g0 + hi, r);
+                let x = hi * rs + r;
+                let orow = &o[hi * o_len + r * dvq..][..dv];
+                finish_row(ctx, it.b, i, h, m[x] as f64, l[x] as f64, orow, out);
+            }
+            continue;
+        }
+        let ot = &o[hi * o_len..][..dvp * rs];
+        for r0 in (0..nr).step_by(TB) {
+            let nb = (nr - r0).min(TB);
+            for (c, run) in ot.chunks_exact(rs).take(dv).enumerate() {
+                for (rr, &x) in run[r0..r0 + nb].iter().enumerate() {
+                    blk[rr * dv + c] = x;
+                }
+            }
+            for (rr, orow) in blk.chunks_exact(dv).take(nb).enumerate() {
+                let (i, h) = row_of(it.g0 + hi, r0 + rr);
+                let x = hi * rs + r0 + rr;
+                finish_row(ctx, it.b, i, h, m[x] as f64, l[x] as f64, orow, out);
+            }
         }
     }
 }

@@ -1,105 +1,92 @@
-//! Register-blocked micro-kernels: `S = K̂·Qᵀ` and `O += Pᵀ·V̂`.
+//! The register-blocked micro-kernel behind both products of a tile.
 //!
-//! Both keep an `A×B`-vector accumulator block in registers for the whole reduction and
-//! touch memory only through one broadcast per row and one vector load per column
-//! vector per step. They read packed, padded, 64-byte-aligned scratch, so no bounds
-//! check or tail sits in the inner loop; the driver guarantees the extents.
+//! Query rows live in SIMD lanes everywhere (`Qᵀ`, `S`, `P` and `Oᵀ` are stored
+//! row-vector-major), so both matrix products have the same shape: an `M × NV`-vector
+//! accumulator block, where each step of the reduction broadcasts `M` scalars of one
+//! operand and loads `NV` vectors of the other.
 //!
-//! This is the one module with `unsafe`: raw-pointer reads and writes into scratch
-//! buffers whose sizes the driver asserts before the loop (bounds checks in these loops
-//! cost 18–30 % in the tooling spike).
+//! - `S = K̂·Qᵀ`: `M` keys, reduction over the head dim; broadcasts K, loads Qᵀ.
+//! - `Oᵀ = α·Oᵀ + V̂ᵀ·P`: `M` output columns, reduction over the tile's keys; broadcasts V
+//!   (read in place from the caller's tensor when it is f32), loads P. The rescale by the
+//!   softmax's `α` (one factor per row, so per lane) is applied as the accumulators are
+//!   loaded: no separate pass over O.
+//!
+//! This is the one module with raw-pointer loops: the driver asserts the extents before
+//! calling (bounds checks in these loops cost 18–30 % in the tooling spike).
 
 use pulp::Simd;
 
-/// `st[j][v] = Σ_d k[j][d] · qt[d][v]` for `MK` keys and `NV` vectors of query rows.
-///
-/// # Safety
-/// - `k` is valid for reads of `(MK - 1) * k_stride + d` floats;
-/// - `qt` is valid for reads of `(d - 1) * qt_stride + NV` vectors (when `d > 0`);
-/// - `st` is valid for writes of `(MK - 1) * st_stride + NV` vectors.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-pub(crate) unsafe fn qk_block<S: Simd, const MK: usize, const NV: usize>(
-    simd: S,
-    k: *const f32,
-    k_stride: usize,
-    qt: *const S::f32s,
-    qt_stride: usize,
-    d: usize,
-    st: *mut S::f32s,
-    st_stride: usize,
-) {
-    let zero = simd.splat_f32s(0.0);
-    let mut acc = [[zero; NV]; MK];
-    for dd in 0..d {
-        let mut q = [zero; NV];
-        for (v, qv) in q.iter_mut().enumerate() {
-            // SAFETY: dd < d and v < NV, within the caller's `qt` extent.
-            *qv = unsafe { qt.add(dd * qt_stride + v).read() };
-        }
-        for (j, row) in acc.iter_mut().enumerate() {
-            // SAFETY: j < MK and dd < d, within the caller's `k` extent.
-            let kb = simd.splat_f32s(unsafe { *k.add(j * k_stride + dd) });
-            for (a, qv) in row.iter_mut().zip(&q) {
-                *a = simd.mul_add_e_f32s(kb, *qv, *a);
-            }
-        }
-    }
-    for (j, row) in acc.iter().enumerate() {
-        for (v, a) in row.iter().enumerate() {
-            // SAFETY: j < MK and v < NV, within the caller's `st` extent.
-            unsafe { st.add(j * st_stride + v).write(*a) };
-        }
-    }
-}
+/// No accumulation: `c` is overwritten.
+pub(crate) const SET: u8 = 0;
+/// `c` is accumulated after scaling by one factor per lane: `alpha[lane of v]`.
+pub(crate) const ACC_LANES: u8 = 1;
+/// `c` is accumulated after scaling by one factor per accumulator row: `alpha[i]`.
+pub(crate) const ACC_ROWS: u8 = 2;
 
-/// `o[r][v] += Σ_{j<n} p[j][r] · vv[j][v]` for `MR` rows and `NV` vectors of columns.
+/// `c[i][v] = α·c[i][v] + Σ_t a[i·a_row + t·a_red] · b[t·b_stride + v]` for `i < M`,
+/// `v < NV`, `t < red`, where `α` is 0 (`SET`), the vector `alpha[v]` (`ACC_LANES`) or
+/// the scalar `alpha[i]` (`ACC_ROWS`).
 ///
 /// # Safety
-/// - `p` is valid for reads of `(n - 1) * p_stride + MR` floats (when `n > 0`);
-/// - `vv` is valid for reads of `(n - 1) * v_stride + NV * lanes` floats (when `n > 0`),
-///   with no alignment requirement (V may be read in place from the caller's tensor);
-/// - `o` is valid for reads and writes of `(MR - 1) * o_stride + NV` vectors.
+/// - `a` is valid for reads at every `i·a_row + t·a_red` (`i < M`, `t < red`);
+/// - `b` is valid for reads of `(red - 1) * b_stride + NV` vectors (when `red > 0`);
+/// - `c` is valid for writes (and reads unless `SET`) of `(M - 1) * c_stride + NV` vectors;
+/// - `alpha` is valid for reads of `NV` vectors (`ACC_LANES`) or `M` floats (`ACC_ROWS`).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub(crate) unsafe fn pv_block<S: Simd, const MR: usize, const NV: usize>(
+pub(crate) unsafe fn bcast_block<S: Simd, const M: usize, const NV: usize, const MODE: u8>(
     simd: S,
-    p: *const f32,
-    p_stride: usize,
-    n: usize,
-    vv: *const f32,
-    v_stride: usize,
-    o: *mut S::f32s,
-    o_stride: usize,
+    a: *const f32,
+    a_row: usize,
+    a_red: usize,
+    b: *const S::f32s,
+    b_stride: usize,
+    red: usize,
+    c: *mut S::f32s,
+    c_stride: usize,
+    alpha: *const f32,
 ) {
     let zero = simd.splat_f32s(0.0);
-    let mut acc = [[zero; NV]; MR];
-    for (r, row) in acc.iter_mut().enumerate() {
-        for (c, a) in row.iter_mut().enumerate() {
-            // SAFETY: r < MR and c < NV, within the caller's `o` extent.
-            *a = unsafe { o.add(r * o_stride + c).read() };
-        }
-    }
-    for j in 0..n {
-        let mut x = [zero; NV];
-        for (c, xv) in x.iter_mut().enumerate() {
-            // SAFETY: j < n and c < NV, within the caller's `vv` extent; unaligned read.
-            *xv = unsafe {
-                (vv.add(j * v_stride + c * S::F32_LANES) as *const S::f32s).read_unaligned()
-            };
-        }
-        for (r, row) in acc.iter_mut().enumerate() {
-            // SAFETY: j < n and r < MR, within the caller's `p` extent.
-            let pb = simd.splat_f32s(unsafe { *p.add(j * p_stride + r) });
-            for (a, xv) in row.iter_mut().zip(&x) {
-                *a = simd.mul_add_e_f32s(pb, *xv, *a);
+    let mut acc = [[zero; NV]; M];
+    if MODE != SET {
+        for (i, row) in acc.iter_mut().enumerate() {
+            for (v, r) in row.iter_mut().enumerate() {
+                // SAFETY: v < NV and i < M, within the caller's `alpha` extent.
+                let al = unsafe {
+                    if MODE == ACC_LANES {
+                        (alpha as *const S::f32s).add(v).read_unaligned()
+                    } else {
+                        simd.splat_f32s(*alpha.add(i))
+                    }
+                };
+                // SAFETY: i < M and v < NV, within the caller's `c` extent.
+                *r = simd.mul_f32s(unsafe { c.add(i * c_stride + v).read() }, al);
             }
         }
     }
-    for (r, row) in acc.iter().enumerate() {
-        for (c, a) in row.iter().enumerate() {
-            // SAFETY: r < MR and c < NV, within the caller's `o` extent.
-            unsafe { o.add(r * o_stride + c).write(*a) };
+    let mut at = a;
+    let mut bt = b;
+    for _ in 0..red {
+        let mut x = [zero; NV];
+        for (v, xv) in x.iter_mut().enumerate() {
+            // SAFETY: v < NV at a reduction step t < red: within the caller's `b` extent
+            // (V̂ rows are vector-aligned only in scratch, so read unaligned).
+            *xv = unsafe { bt.add(v).read_unaligned() };
+        }
+        for (i, row) in acc.iter_mut().enumerate() {
+            // SAFETY: i < M at a reduction step t < red: within the caller's `a` extent.
+            let s = simd.splat_f32s(unsafe { *at.add(i * a_row) });
+            for (r, xv) in row.iter_mut().zip(&x) {
+                *r = simd.mul_add_e_f32s(s, *xv, *r);
+            }
+        }
+        at = at.wrapping_add(a_red);
+        bt = bt.wrapping_add(b_stride);
+    }
+    for (i, row) in acc.iter().enumerate() {
+        for (v, r) in row.iter().enumerate() {
+            // SAFETY: i < M and v < NV, within the caller's `c` extent.
+            unsafe { c.add(i * c_stride + v).write(*r) };
         }
     }
 }

@@ -1,7 +1,6 @@
 //! Dense strided K/V tensors (BSHD, BHSD or any strides; V may alias K).
 
 use super::KvSource;
-use crate::backend::prefetch_l2;
 use crate::element::Element;
 use crate::tensor::Tensor;
 
@@ -21,26 +20,15 @@ impl<T: Element> KvSource for DenseKv<'_, T> {
     }
 
     #[inline]
-    fn prefetch(&self, b: usize, g: usize, j0: usize, n: usize) {
-        const LINE: usize = 64;
-        let esize = core::mem::size_of::<T>();
-        for t in [&self.k, &self.v] {
-            let row_bytes = t.shape[3] * esize;
-            for j in j0..j0 + n {
-                let row = t.row(b, j, g);
-                let base = row.as_ptr() as *const u8;
-                for off in (0..row_bytes).step_by(LINE) {
-                    // `wrapping_add` keeps this free of UB; off < row_bytes anyway.
-                    prefetch_l2(base.wrapping_add(off));
-                }
-            }
-        }
-    }
-
-    #[inline]
     fn k_in_place(&self, b: usize, g: usize, j0: usize) -> Option<(&[f32], usize)> {
         let all = T::as_f32(self.k.data)?;
         Some((&all[self.k.offset(b, j0, g)..], self.k.strides[1]))
+    }
+
+    #[inline]
+    fn v_in_place(&self, b: usize, g: usize, j0: usize) -> Option<(&[f32], usize)> {
+        let all = T::as_f32(self.v.data)?;
+        Some((&all[self.v.offset(b, j0, g)..], self.v.strides[1]))
     }
 
     #[inline]

@@ -21,12 +21,12 @@ pub(crate) trait KvSource: Sync {
         dst: &mut [f32],
         stride: usize,
     );
-    /// Writes values `j0..j0 + n` as rows of `dst`, `stride` floats apart, each `d_v` long.
-    /// Hints that keys `j0..j0 + n` (K and V rows) will be read soon.
-    fn prefetch(&self, batch: usize, kv_head: usize, j0: usize, n: usize);
     /// K rows of `(batch, kv_head)` from key `j0` on, read in place when they are
     /// already f32: the slice starts at row `j0` and rows are `stride` floats apart.
     fn k_in_place(&self, batch: usize, kv_head: usize, j0: usize) -> Option<(&[f32], usize)>;
+    /// V rows of `(batch, kv_head)` from key `j0` on, read in place when they are
+    /// already f32: the slice starts at row `j0` and rows are `stride` floats apart.
+    fn v_in_place(&self, batch: usize, kv_head: usize, j0: usize) -> Option<(&[f32], usize)>;
     /// Writes values `j0..j0 + n` as rows of `dst`, `stride` floats apart, each `d_v` long.
     fn pack_v(
         &self,
