@@ -424,3 +424,24 @@ fn tile_boundaries() {
         }
     }
 }
+
+/// Split-KV (few groups, long KV range) where a group spans several Q tiles and the last
+/// tile is partial: 400 rows per kv head (2–7 tiles per backend), rows that do not fill a
+/// register block, a window that empties some splits, and sinks in the merge.
+#[test]
+fn split_kv_with_several_q_tiles() {
+    for (sq, causal, window) in [
+        (100usize, true, None),
+        (100, false, Some((700usize, 0usize))),
+        (3, true, Some((usize::MAX, 0))),
+    ] {
+        let mut c = Case::new(1, sq, 2300, 4, 1, 72, 40);
+        c.causal = causal;
+        c.window = window;
+        c.sinks = Some(Sinks::Random(1.0));
+        check_all(&c);
+        c.lse = true;
+        c.threads = 1;
+        check_all(&c);
+    }
+}

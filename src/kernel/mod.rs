@@ -153,6 +153,9 @@ pub(crate) struct Layout {
     pub splits: usize,
     /// Groups: batch × head blocks × Q tiles.
     pub groups: usize,
+    /// Rows per head of a partial slot: the rows of the largest Q tile, `min(BR, rows)`
+    /// (a decode item's few rows, not `BR`: the partials are allocated per call).
+    pub prow: usize,
 }
 
 /// A group holds all kv heads when its rows (over all heads) stay below this.
@@ -168,6 +171,7 @@ impl Layout {
                 heads: 1,
                 splits: 1,
                 groups: 0,
+                prow: 0,
             };
         }
         // Non-empty outputs were checked to fit their buffer without overlap, so these
@@ -195,6 +199,7 @@ impl Layout {
             heads,
             splits,
             groups,
+            prow: rows.min(br),
         }
     }
 
@@ -202,10 +207,10 @@ impl Layout {
         self.groups * self.splits
     }
 
-    /// Floats of one partial slot: per head, `br` rows of `dv` floats of O, then `br`
-    /// maxima, then `br` sums.
+    /// Floats of one partial slot: per head, `prow` rows of `dv` floats of O, then `prow`
+    /// maxima, then `prow` sums.
     pub fn slot(&self, dv: usize) -> usize {
-        self.heads * self.br * (dv + 2)
+        self.heads * self.prow * (dv + 2)
     }
 
     pub fn item(&self, d: &Dims, idx: usize) -> Item {
@@ -806,7 +811,8 @@ fn run_item<
     };
     if it.splits > 1 {
         // A split item leaves its unnormalised state for the group's merge.
-        let br = ctx.layout.br;
+        let br = ctx.layout.prow;
+        debug_assert!(nr <= br);
         let slot = ctx.layout.slot(dv);
         // SAFETY: this item is the only writer of its slot; the merge reads it after
         // the group's counter says every split finished.
@@ -905,10 +911,11 @@ pub(crate) unsafe fn merge_group<Q, KV, O: Element>(ctx: &Ctx<'_, Q, KV, O>, gro
     let d = &ctx.dims;
     let lay = &ctx.layout;
     let it = lay.item(d, group * lay.splits);
-    let (br, dv, splits) = (lay.br, d.dv, lay.splits);
+    let (br, dv, splits) = (lay.prow, d.dv, lay.splits);
     let groupsz = d.group();
-    let r0 = it.t * br;
-    let nr = (d.sq * groupsz - r0).min(br);
+    let r0 = it.t * lay.br;
+    let nr = (d.sq * groupsz - r0).min(lay.br);
+    debug_assert!(nr <= br);
     let slot = lay.slot(dv);
     let mut acc = vec![0.0f32; dv];
     let mut out = vec![0.0f32; dv];
