@@ -383,6 +383,8 @@ struct Scratch<S: Simd> {
     posf: Vec<S::f32s>,
     /// One output row.
     row: Vec<f32>,
+    /// Q rows, row-major and padded to whole vectors (multi-head decode items).
+    qr: Vec<S::f32s>,
     /// TB rows of Q, or of O, on their way through a transpose.
     blk: Vec<f32>,
     /// The shape this scratch was made for.
@@ -393,6 +395,7 @@ impl<S: Simd> Scratch<S> {
     fn new(d: &Dims) -> Self {
         Scratch {
             qt: Vec::new(),
+            qr: Vec::new(),
             k: Vec::new(),
             v: Vec::new(),
             st: Vec::new(),
@@ -496,9 +499,19 @@ fn run_item<
         ensure(simd, v, nh * rs);
     }
     ensure(simd, &mut sc.st, bcp * rs);
-    ensure(simd, &mut sc.k, kv_heads * bcp * dqk);
+    // Multi-head items of one row vector (decode) compute S as dot products along the
+    // head dim (K̂ and Q rows in vectors, one horizontal sum per score): the broadcast
+    // block would fill one lane in four for a GQA group of 4. K̂ rows are then padded to
+    // whole vectors, with zeros.
+    let dot = o_rows && nh > 1;
+    let dqkp = dqk.next_multiple_of(lanes);
+    let kst = if dot { dqkp } else { dqk }; // K̂ row stride
+    if dot {
+        ensure(simd, &mut sc.qr, nh * nr * dqkp);
+    }
+    ensure(simd, &mut sc.k, kv_heads * bcp * kst);
     ensure(simd, &mut sc.v, kv_heads * BC * vrow);
-    let k_len = bcp * dqk; // floats of one head's K̂
+    let k_len = bcp * kst; // floats of one head's K̂
     let v_len = BC * vrow; // floats of one head's V̂
 
     for hi in 0..nh {
@@ -519,6 +532,12 @@ fn run_item<
             for (c, run) in qt.chunks_exact_mut(rs).enumerate() {
                 for (rr, x) in run[r0..r0 + nb].iter_mut().enumerate() {
                     *x = blk[rr * dqk + c];
+                }
+            }
+            if dot {
+                let qr = &mut floats_mut::<S>(&mut sc.qr)[hi * nr * dqkp..][..nr * dqkp];
+                for (rr, src) in blk.chunks_exact(dqk).take(nb).enumerate() {
+                    qr[(r0 + rr) * dqkp..][..dqk].copy_from_slice(src);
                 }
             }
         }
@@ -580,7 +599,7 @@ fn run_item<
             // One sweep over the key range for every head of the item.
             for jj in 0..n {
                 for hi in 0..nh {
-                    let k = &mut floats_mut::<S>(&mut sc.k)[hi * k_len + jj * dqk..][..dqk];
+                    let k = &mut floats_mut::<S>(&mut sc.k)[hi * k_len + jj * kst..][..dqk];
                     ctx.kv.pack_k(it.b, it.g0 + hi, ju + jj, 1, k, dqk);
                     let v = &mut floats_mut::<S>(&mut sc.v)[hi * v_len + jj * vrow..][..vrow];
                     ctx.kv.pack_v(it.b, it.g0 + hi, ju + jj, 1, v, vrow);
@@ -643,41 +662,60 @@ fn run_item<
             let qp = unsafe { sc.qt.as_ptr().add(hi * dqk * rsv) };
             let sp = sc.st.as_mut_ptr();
             let kp = sc.k.as_ptr() as *const f32;
-            let mut rb = 0;
-            while rb < nvec {
-                let w = (nvec - rb).min(NVQ);
-                for kb in 0..nkb {
-                    let (k, ks) = if kb < kd_blocks {
-                        // SAFETY: block kb < kd_blocks lies inside `src` (asserted above).
-                        (unsafe { kd.0.add(kb * MK * kd.1) }, kd.1)
-                    } else {
-                        // SAFETY: packed blocks fit in `sc.k` (asserted above).
-                        (unsafe { kp.add(k_off + (kb - kd_blocks) * MK * dqk) }, dqk)
-                    };
-                    // SAFETY: the asserts above bound every extent `bcast_block` touches:
-                    // MK rows of K at `k` (in place or packed), Qᵀ vectors rb..rb+w ≤ rsv
-                    // of each of the dqk rows, and the same rows/vectors of S.
-                    unsafe {
-                        let q = qp.add(rb);
-                        let s = sp.add(kb * MK * rsv + rb);
-                        let z = core::ptr::null();
-                        match w {
-                            _ if w == NVQ => tile::bcast_block::<S, MK, NVQ, { tile::SET }>(
-                                simd, k, ks, 1, q, rsv, dqk, s, rsv, z,
-                            ),
-                            1 => tile::bcast_block::<S, MK, 1, { tile::SET }>(
-                                simd, k, ks, 1, q, rsv, dqk, s, rsv, z,
-                            ),
-                            2 => tile::bcast_block::<S, MK, 2, { tile::SET }>(
-                                simd, k, ks, 1, q, rsv, dqk, s, rsv, z,
-                            ),
-                            _ => tile::bcast_block::<S, MK, 3, { tile::SET }>(
-                                simd, k, ks, 1, q, rsv, dqk, s, rsv, z,
-                            ),
+            if dot {
+                let dv_ = dqkp / lanes;
+                let kh = &sc.k[hi * k_len / lanes..][..n * dv_];
+                let qh = &sc.qr[hi * nr * dv_..][..nr * dv_];
+                let st = floats_mut::<S>(&mut sc.st);
+                for (j, krow) in kh.chunks_exact(dv_).enumerate() {
+                    let srow = &mut st[j * rs..][..nvec * lanes];
+                    for (x, qrow) in srow.iter_mut().zip(qh.chunks_exact(dv_)) {
+                        let mut acc = simd.splat_f32s(0.0);
+                        for (kv, qv) in krow.iter().zip(qrow) {
+                            acc = simd.mul_add_e_f32s(*kv, *qv, acc);
+                        }
+                        *x = simd.reduce_sum_f32s(acc);
+                    }
+                    // Lanes past the rows: finite, like the broadcast block leaves them.
+                    srow[nr..].fill(0.0);
+                }
+            } else {
+                let mut rb = 0;
+                while rb < nvec {
+                    let w = (nvec - rb).min(NVQ);
+                    for kb in 0..nkb {
+                        let (k, ks) = if kb < kd_blocks {
+                            // SAFETY: block kb < kd_blocks lies inside `src` (asserted above).
+                            (unsafe { kd.0.add(kb * MK * kd.1) }, kd.1)
+                        } else {
+                            // SAFETY: packed blocks fit in `sc.k` (asserted above).
+                            (unsafe { kp.add(k_off + (kb - kd_blocks) * MK * dqk) }, dqk)
+                        };
+                        // SAFETY: the asserts above bound every extent `bcast_block` touches:
+                        // MK rows of K at `k` (in place or packed), Qᵀ vectors rb..rb+w ≤ rsv
+                        // of each of the dqk rows, and the same rows/vectors of S.
+                        unsafe {
+                            let q = qp.add(rb);
+                            let s = sp.add(kb * MK * rsv + rb);
+                            let z = core::ptr::null();
+                            match w {
+                                _ if w == NVQ => tile::bcast_block::<S, MK, NVQ, { tile::SET }>(
+                                    simd, k, ks, 1, q, rsv, dqk, s, rsv, z,
+                                ),
+                                1 => tile::bcast_block::<S, MK, 1, { tile::SET }>(
+                                    simd, k, ks, 1, q, rsv, dqk, s, rsv, z,
+                                ),
+                                2 => tile::bcast_block::<S, MK, 2, { tile::SET }>(
+                                    simd, k, ks, 1, q, rsv, dqk, s, rsv, z,
+                                ),
+                                _ => tile::bcast_block::<S, MK, 3, { tile::SET }>(
+                                    simd, k, ks, 1, q, rsv, dqk, s, rsv, z,
+                                ),
+                            }
                         }
                     }
+                    rb += w;
                 }
-                rb += w;
             }
 
             let rows = |r: usize| row_of(g, r);
