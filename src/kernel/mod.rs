@@ -478,7 +478,10 @@ fn run_item<
     let dvqv = dvq / lanes;
     // V̂ rows: whole PV column blocks and whole vectors.
     let vrow = dv.next_multiple_of(lcm(MC, lanes));
-    let bcp = BC.next_multiple_of(MK);
+    // Keys per tile, at most: short KV ranges get scratch to match (a multi-head item of
+    // 16 keys allocated and zeroed 256 KiB of K̂/V̂ per call with BC).
+    let bck = BC.min(d.skv);
+    let bcp = bck.next_multiple_of(MK);
     let row_of = |g: usize, r: usize| ((r0 + r) / group, g * group + (r0 + r) % group); // (i, h)
 
     // Scratch: per head, Qᵀ (dqk × rs), Oᵀ (dvp × rs) or O (rs × dvq) and rsv vectors
@@ -510,9 +513,9 @@ fn run_item<
         ensure(simd, &mut sc.qr, nh * nr * dqkp);
     }
     ensure(simd, &mut sc.k, kv_heads * bcp * kst);
-    ensure(simd, &mut sc.v, kv_heads * BC * vrow);
+    ensure(simd, &mut sc.v, kv_heads * bck * vrow);
     let k_len = bcp * kst; // floats of one head's K̂
-    let v_len = BC * vrow; // floats of one head's V̂
+    let v_len = bck * vrow; // floats of one head's V̂
 
     for hi in 0..nh {
         let g = it.g0 + hi;
