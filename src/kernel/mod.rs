@@ -701,20 +701,9 @@ fn run_item<
                             let q = qp.add(rb);
                             let s = sp.add(kb * MK * rsv + rb);
                             let z = core::ptr::null();
-                            match w {
-                                _ if w == NVQ => tile::bcast_block::<S, MK, NVQ, { tile::SET }>(
-                                    simd, k, ks, 1, q, rsv, dqk, s, rsv, z,
-                                ),
-                                1 => tile::bcast_block::<S, MK, 1, { tile::SET }>(
-                                    simd, k, ks, 1, q, rsv, dqk, s, rsv, z,
-                                ),
-                                2 => tile::bcast_block::<S, MK, 2, { tile::SET }>(
-                                    simd, k, ks, 1, q, rsv, dqk, s, rsv, z,
-                                ),
-                                _ => tile::bcast_block::<S, MK, 3, { tile::SET }>(
-                                    simd, k, ks, 1, q, rsv, dqk, s, rsv, z,
-                                ),
-                            }
+                            tile::bcast_block_w::<S, MK, NVQ, { tile::SET }>(
+                                simd, w, k, ks, 1, q, rsv, dqk, s, rsv, z,
+                            )
                         }
                     }
                     rb += w;
@@ -778,22 +767,9 @@ fn run_item<
                             let o = op.add(r0 * dvqv + cb);
                             let al = alpha.as_ptr().add(r0);
                             let vs = vstride / lanes;
-                            match w {
-                                _ if w == NVO => {
-                                    tile::bcast_block::<S, OR, NVO, { tile::ACC_ROWS }>(
-                                        simd, a, 1, rs, b, vs, n, o, dvqv, al,
-                                    )
-                                }
-                                1 => tile::bcast_block::<S, OR, 1, { tile::ACC_ROWS }>(
-                                    simd, a, 1, rs, b, vs, n, o, dvqv, al,
-                                ),
-                                2 => tile::bcast_block::<S, OR, 2, { tile::ACC_ROWS }>(
-                                    simd, a, 1, rs, b, vs, n, o, dvqv, al,
-                                ),
-                                _ => tile::bcast_block::<S, OR, 3, { tile::ACC_ROWS }>(
-                                    simd, a, 1, rs, b, vs, n, o, dvqv, al,
-                                ),
-                            }
+                            tile::bcast_block_w::<S, OR, NVO, { tile::ACC_ROWS }>(
+                                simd, w, a, 1, rs, b, vs, n, o, dvqv, al,
+                            )
                         }
                         cb += w;
                     }
@@ -815,20 +791,9 @@ fn run_item<
                         let pr = pp.add(rb);
                         let o = op.add(cb * rsv + rb);
                         let al = alpha.as_ptr().add(rb * lanes);
-                        match w {
-                            _ if w == NVP => tile::bcast_block::<S, MC, NVP, { tile::ACC_LANES }>(
-                                simd, v, 1, vstride, pr, rsv, n, o, rsv, al,
-                            ),
-                            1 => tile::bcast_block::<S, MC, 1, { tile::ACC_LANES }>(
-                                simd, v, 1, vstride, pr, rsv, n, o, rsv, al,
-                            ),
-                            2 => tile::bcast_block::<S, MC, 2, { tile::ACC_LANES }>(
-                                simd, v, 1, vstride, pr, rsv, n, o, rsv, al,
-                            ),
-                            _ => tile::bcast_block::<S, MC, 3, { tile::ACC_LANES }>(
-                                simd, v, 1, vstride, pr, rsv, n, o, rsv, al,
-                            ),
-                        }
+                        tile::bcast_block_w::<S, MC, NVP, { tile::ACC_LANES }>(
+                            simd, w, v, 1, vstride, pr, rsv, n, o, rsv, al,
+                        )
                     }
                 }
                 rb += w;

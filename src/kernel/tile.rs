@@ -90,3 +90,43 @@ pub(crate) unsafe fn bcast_block<S: Simd, const M: usize, const NV: usize, const
         }
     }
 }
+
+/// [`bcast_block`] for `w ≤ NV ≤ 4` vectors known only at run time: full blocks use `NV`,
+/// the tail of a row (or column) range one of the narrower instantiations.
+///
+/// # Safety
+/// As [`bcast_block`] with `w` in place of `NV`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(crate) unsafe fn bcast_block_w<S: Simd, const M: usize, const NV: usize, const MODE: u8>(
+    simd: S,
+    w: usize,
+    a: *const f32,
+    a_row: usize,
+    a_red: usize,
+    b: *const S::f32s,
+    b_stride: usize,
+    red: usize,
+    c: *mut S::f32s,
+    c_stride: usize,
+    alpha: *const f32,
+) {
+    debug_assert!((1..=NV).contains(&w) && NV <= 4);
+    // SAFETY: the caller's contract, for the `w` vectors each instantiation touches.
+    unsafe {
+        match w {
+            _ if w == NV => bcast_block::<S, M, NV, MODE>(
+                simd, a, a_row, a_red, b, b_stride, red, c, c_stride, alpha,
+            ),
+            1 => bcast_block::<S, M, 1, MODE>(
+                simd, a, a_row, a_red, b, b_stride, red, c, c_stride, alpha,
+            ),
+            2 => bcast_block::<S, M, 2, MODE>(
+                simd, a, a_row, a_red, b, b_stride, red, c, c_stride, alpha,
+            ),
+            _ => bcast_block::<S, M, 3, MODE>(
+                simd, a, a_row, a_red, b, b_stride, red, c, c_stride, alpha,
+            ),
+        }
+    }
+}
