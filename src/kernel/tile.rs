@@ -64,7 +64,10 @@ pub(crate) unsafe fn bcast_block<S: Simd, const M: usize, const NV: usize, const
             }
         }
     }
-    let mut at = a;
+    // One base pointer per broadcast row and one running offset: each step then costs
+    // a single index update, not M address computations.
+    let rows: [*const f32; M] = core::array::from_fn(|i| a.wrapping_add(i * a_row));
+    let mut off = 0usize;
     let mut bt = b;
     for _ in 0..red {
         let mut x = [zero; NV];
@@ -75,12 +78,12 @@ pub(crate) unsafe fn bcast_block<S: Simd, const M: usize, const NV: usize, const
         }
         for (i, row) in acc.iter_mut().enumerate() {
             // SAFETY: i < M at a reduction step t < red: within the caller's `a` extent.
-            let s = simd.splat_f32s(unsafe { *at.add(i * a_row) });
+            let s = simd.splat_f32s(unsafe { *rows[i].add(off) });
             for (r, xv) in row.iter_mut().zip(&x) {
                 *r = simd.mul_add_e_f32s(s, *xv, *r);
             }
         }
-        at = at.wrapping_add(a_red);
+        off += a_red;
         bt = bt.wrapping_add(b_stride);
     }
     for (i, row) in acc.iter().enumerate() {
