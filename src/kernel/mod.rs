@@ -6,7 +6,10 @@
 //! pack Qᵀ (d_qk × BR, zero-padded); m = -inf, l = 0, Oᵀ = 0
 //! for each K/V tile [j0, j0+BC) inside the rows' visible key range:
 //!     class = mask.classify(tile)            // Empty → skip, Full → no masking
-//!     K̂, V̂ = the tile's rows                 // in place if f32, else packed to f32 once
+//!     K̂, V̂ = the tile's rows                 // single-head items: interleaved panels,
+//!                                            //   packed once per (batch, kv head) and
+//!                                            //   kept for the head's next Q tiles;
+//!                                            //   else in place if f32, or packed
 //!     S = K̂·Qᵀ                                // tile::bcast_block, MK keys × NVQ row vectors
 //!     modifiers: scale, softcap, ALiBi, bias  (only when any is set)
 //!     partial mask: -inf outside each row's key range
@@ -49,6 +52,11 @@ const fn lcm(a: usize, b: usize) -> usize {
 /// Keys per K/V tile. 64 keys × d 128 × 4 B = 32 KiB per packed K̂ or V̂ tile, which
 /// stays in L2 next to Qᵀ and O while every row of the Q tile uses it.
 const BC: usize = 64;
+
+/// Single-head items keep the K̂/V̂ panels of their (batch, kv head) across items when
+/// they fit in this many floats (16 MiB per worker): the Q tiles of one head (items
+/// that follow each other) then pack each K/V tile once instead of once per Q tile.
+const PANEL_CACHE_FLOATS: usize = 4 << 20;
 
 /// Keys per split of the KV range when a call has too few (batch, kv head, Q tile)
 /// groups to occupy every core (decode): at least this many tiles per split.
@@ -427,6 +435,16 @@ struct Scratch<S: Simd> {
     qr: Buf<S>,
     /// TB rows of Q, or of O, on their way through a transpose.
     blk: Vec<f32>,
+    /// K̂ panels of one (batch, kv head), per tile of BC keys (`kc_tile` floats each):
+    /// blocks of MK keys, each `dqk` runs of MK floats (key-interleaved, so a QK step
+    /// broadcasts MK consecutive floats). Padded keys stay zero.
+    kc: Buf<S>,
+    /// V̂ panels of the same head, per tile (`BC · dvp` floats): column blocks of MC,
+    /// each BC runs of MC floats (one per key). Padded columns stay zero.
+    vc: Buf<S>,
+    /// Which tiles of `kc`/`vc` hold the head `chead` (batch, kv head).
+    cdone: Vec<bool>,
+    chead: Option<(usize, usize)>,
     /// The shape this scratch was made for.
     dims: Dims,
 }
@@ -447,6 +465,10 @@ impl<S: Simd> Scratch<S> {
             posf: Buf::new(),
             row: vec![0.0; d.dv],
             blk: vec![0.0; TB * d.dqk.max(d.dv)],
+            kc: Buf::new(),
+            vc: Buf::new(),
+            cdone: Vec::new(),
+            chead: None,
             dims: *d,
         }
     }
@@ -561,6 +583,24 @@ fn run_item<
     let k_len = bcp * kst; // floats of one head's K̂
     let v_len = bck * vrow; // floats of one head's V̂
 
+    // Single-head items with transposed PV use the head's cached, interleaved panels
+    // (K̂ blocks read as MK consecutive floats per step, V̂ column blocks as one run)
+    // when they fit: a head's Q tiles run one after another, so each K/V tile is
+    // packed once per head, not once per Q tile. Tiles then start at multiples of BC.
+    let kc_tile = BC.next_multiple_of(MK) * dqk;
+    let vc_tile = BC * dvp;
+    let all_tiles = d.skv.div_ceil(BC);
+    let cache = nh == 1 && !o_rows && all_tiles * (kc_tile + vc_tile) <= PANEL_CACHE_FLOATS;
+    if cache {
+        ensure(&mut sc.kc, all_tiles * kc_tile);
+        ensure(&mut sc.vc, all_tiles * vc_tile);
+        if sc.chead != Some((it.b, it.g0)) {
+            sc.cdone.clear();
+            sc.cdone.resize(all_tiles, false);
+            sc.chead = Some((it.b, it.g0));
+        }
+    }
+
     for hi in 0..nh {
         let g = it.g0 + hi;
         // Pack Qᵀ: d-major, rs rows per d, zero rows past `nr`.
@@ -617,7 +657,11 @@ fn run_item<
     // a worker running the Q tiles of one kv head in turn starts each pass on the tiles
     // the previous pass touched last, which are still in L2. The order depends on the
     // item alone, so results stay identical for every thread count.
-    let start = jlo.max(0);
+    let start = if cache {
+        jlo.max(0) / BC as i64 * BC as i64
+    } else {
+        jlo.max(0)
+    };
     let n_tiles = if jhi > start {
         ((jhi - start) as usize).div_ceil(BC)
     } else {
@@ -661,7 +705,26 @@ fn run_item<
             let mut kd_blocks = 0;
             let mut kd: (*const f32, usize) = (core::ptr::null(), 0);
             let k_off = if nh > 1 { hi * k_len } else { 0 };
-            if nh == 1 {
+            // The head's cached panels of this tile, packed first if no earlier item on
+            // this scratch did.
+            let mut cached: (*const f32, *const f32) = (core::ptr::null(), core::ptr::null());
+            if cache {
+                let tile = ju / BC;
+                if !sc.cdone[tile] {
+                    let kc = &mut floats_mut::<S>(&mut sc.kc)[tile * kc_tile..][..kc_tile];
+                    let vc = &mut floats_mut::<S>(&mut sc.vc)[tile * vc_tile..][..vc_tile];
+                    pack_panels::<_, _, _, MK, MC>(ctx, it.b, g, tile, kc, vc, &mut sc.blk);
+                    sc.cdone[tile] = true;
+                }
+                // SAFETY: tile < all_tiles, within both caches (`ensure` above).
+                cached = unsafe {
+                    (
+                        (sc.kc.as_ptr() as *const f32).add(tile * kc_tile),
+                        (sc.vc.as_ptr() as *const f32).add(tile * vc_tile),
+                    )
+                };
+            }
+            if nh == 1 && !cache {
                 if let Some((src, stride)) = ctx.kv.k_in_place(it.b, g, ju) {
                     kd_blocks = n / MK;
                     if kd_blocks > 0 {
@@ -681,7 +744,9 @@ fn run_item<
             // columns zero). PV broadcasts V, so in place it costs no copy, and rows
             // that share an L1 set (BSHD rows 4 KiB apart) cost one L2 read per key.
             let mut vsrc: (*const f32, usize) = (core::ptr::null(), vrow);
-            if nh == 1
+            if cache {
+                vsrc = (cached.1, MC);
+            } else if nh == 1
                 && !o_rows
                 && n > 0
                 && dv.is_multiple_of(MC)
@@ -702,7 +767,8 @@ fn run_item<
             }
 
             // S = K̂·Qᵀ.
-            assert!(k_off + (nkb - kd_blocks) * MK * dqk <= sc.k.len() * lanes);
+            assert!(cache || k_off + (nkb - kd_blocks) * MK * dqk <= sc.k.len() * lanes);
+            assert!(nkb * MK * dqk <= kc_tile);
             assert!((hi + 1) * dqk * rs <= sc.qt.len() * lanes);
             assert!(nkb * MK * rsv <= sc.st.len() && nvec <= rsv);
             // SAFETY: head hi's Qᵀ block is in bounds (asserted).
@@ -731,23 +797,40 @@ fn run_item<
                 while rb < nvec {
                     let w = (nvec - rb).min(NVQ);
                     for kb in 0..nkb {
-                        let (k, ks) = if kb < kd_blocks {
+                        // (first key, key stride, head-dim stride) of the block
+                        let (k, kr, kd_) = if cache {
+                            // SAFETY: nkb blocks of MK·dqk floats fit a cached tile
+                            // (asserted above).
+                            (unsafe { cached.0.add(kb * MK * dqk) }, 1, MK)
+                        } else if kb < kd_blocks {
                             // SAFETY: block kb < kd_blocks lies inside `src` (asserted above).
-                            (unsafe { kd.0.add(kb * MK * kd.1) }, kd.1)
+                            (unsafe { kd.0.add(kb * MK * kd.1) }, kd.1, 1)
                         } else {
                             // SAFETY: packed blocks fit in `sc.k` (asserted above).
-                            (unsafe { kp.add(k_off + (kb - kd_blocks) * MK * dqk) }, dqk)
+                            (
+                                unsafe { kp.add(k_off + (kb - kd_blocks) * MK * dqk) },
+                                dqk,
+                                1,
+                            )
                         };
                         // SAFETY: the asserts above bound every extent `bcast_block` touches:
                         // MK rows of K at `k` (in place or packed), Qᵀ vectors rb..rb+w ≤ rsv
                         // of each of the dqk rows, and the same rows/vectors of S.
+                        // The cached panels get their own call, with constant strides,
+                        // so that its loop addresses the MK keys as one pointer.
                         unsafe {
                             let q = qp.add(rb);
                             let s = sp.add(kb * MK * rsv + rb);
                             let z = core::ptr::null();
-                            tile::bcast_block_w::<S, MK, NVQ, { tile::SET }>(
-                                simd, w, k, ks, 1, q, rsv, dqk, s, rsv, z,
-                            )
+                            if cache {
+                                tile::bcast_block_w::<S, MK, NVQ, { tile::SET }>(
+                                    simd, w, k, 1, MK, q, rsv, dqk, s, rsv, z,
+                                )
+                            } else {
+                                tile::bcast_block_w::<S, MK, NVQ, { tile::SET }>(
+                                    simd, w, k, kr, kd_, q, rsv, dqk, s, rsv, z,
+                                )
+                            }
                         }
                     }
                     rb += w;
@@ -820,6 +903,8 @@ fn run_item<
                 }
                 continue;
             }
+            // Column block cb starts at column cb of a V row, or at run cb·BC of the cache.
+            let vcb = if cache { BC } else { 1 };
             let pp = sc.st.as_ptr();
             let mut rb = 0;
             while rb < nvec {
@@ -831,7 +916,7 @@ fn run_item<
                     // place those are < dv (dv is a multiple of MC there) within the
                     // asserted extent, packed < dvp within `sc.v` (asserted).
                     unsafe {
-                        let v = vp.add(cb);
+                        let v = vp.add(cb * vcb);
                         let pr = pp.add(rb);
                         let o = op.add(cb * rsv + rb);
                         let al = alpha.as_ptr().add(rb * lanes);
@@ -908,6 +993,36 @@ fn run_item<
                 let x = hi * rs + r0 + rr;
                 finish_row(ctx, it.b, i, h, m[x] as f64, l[x] as f64, orow, out);
             }
+        }
+    }
+}
+
+/// Packs tile `tile` (keys `tile·BC ..`) of `(b, g)` into the panel cache: K̂ into `kc`
+/// (blocks of MK keys, each `dqk` runs of MK floats), V̂ into `vc` (column blocks of MC,
+/// each BC runs of MC floats). Padding (keys past the tile, columns past `dv`) is never
+/// written, so it keeps the zeros the cache was allocated with.
+#[allow(clippy::too_many_arguments)]
+fn pack_panels<Q, KV: Element, O, const MK: usize, const MC: usize>(
+    ctx: &Ctx<'_, Q, KV, O>,
+    b: usize,
+    g: usize,
+    tile: usize,
+    kc: &mut [f32],
+    vc: &mut [f32],
+    row: &mut [f32],
+) {
+    let (dqk, dv) = (ctx.dims.dqk, ctx.dims.dv);
+    let j0 = tile * BC;
+    let n = BC.min(ctx.dims.skv - j0);
+    for jj in 0..n {
+        ctx.kv.pack_k(b, g, j0 + jj, 1, row, dqk);
+        let block = &mut kc[jj / MK * MK * dqk..][..MK * dqk];
+        for (x, &y) in block[jj % MK..].iter_mut().step_by(MK).zip(&row[..dqk]) {
+            *x = y;
+        }
+        ctx.kv.pack_v(b, g, j0 + jj, 1, row, dv);
+        for (cb, ch) in row[..dv].chunks(MC).enumerate() {
+            vc[cb * BC * MC + jj * MC..][..ch.len()].copy_from_slice(ch);
         }
     }
 }
