@@ -13,6 +13,9 @@
 use super::math::exp2;
 use pulp::Simd;
 
+/// Row vectors per pass over the scores.
+const G: usize = 4;
+
 /// Running max `m` (x domain) and sum `l`, one lane per query row.
 pub(crate) struct OnlineSoftmax<'a, S: Simd> {
     pub m: &'a mut [S::f32s],
@@ -54,27 +57,38 @@ impl<S: Simd> OnlineSoftmax<'_, S> {
             let t = simd.mul_f32s(d, c1);
             if one_mul { t } else { simd.mul_f32s(t, c2) }
         };
-        for (v, ((m, l), a)) in self
-            .m
-            .iter_mut()
-            .zip(self.l.iter_mut())
-            .zip(alpha.iter_mut())
-            .enumerate()
-        {
-            let mut mx = *m;
-            for x in st[v..].iter().step_by(stride).take(n) {
-                mx = simd.max_f32s(mx, *x);
+        // Four row vectors at a time: four independent max (and sum) chains per key
+        // instead of one, whose 4-cycle latency bound the max pass.
+        let nv = self.m.len();
+        let mut v0 = 0;
+        while v0 < nv {
+            let w = (nv - v0).min(G);
+            let mut mx = [ninf; G];
+            mx[..w].copy_from_slice(&self.m[v0..v0 + w]);
+            for row in st.chunks(stride).take(n) {
+                for (m, x) in mx.iter_mut().zip(&row[v0..v0 + w]) {
+                    *m = simd.max_f32s(*m, *x);
+                }
             }
-            let m_use = simd.select_f32s(simd.equal_f32s(mx, ninf), zero, mx);
-            *a = exp2(simd, arg(simd.sub_f32s(*m, m_use)));
-            let mut sum = zero;
-            for x in st[v..].iter_mut().step_by(stride).take(n) {
-                let p = exp2(simd, arg(simd.sub_f32s(*x, m_use)));
-                *x = p;
-                sum = simd.add_f32s(sum, p);
+            let mut m_use = [zero; G];
+            for u in 0..w {
+                m_use[u] = simd.select_f32s(simd.equal_f32s(mx[u], ninf), zero, mx[u]);
+                alpha[v0 + u] = exp2(simd, arg(simd.sub_f32s(self.m[v0 + u], m_use[u])));
             }
-            *l = simd.mul_add_e_f32s(*l, *a, sum);
-            *m = mx;
+            let mut sum = [zero; G];
+            for row in st.chunks_mut(stride).take(n) {
+                for u in 0..w {
+                    let p = exp2(simd, arg(simd.sub_f32s(row[v0 + u], m_use[u])));
+                    row[v0 + u] = p;
+                    sum[u] = simd.add_f32s(sum[u], p);
+                }
+            }
+            for u in 0..w {
+                let v = v0 + u;
+                self.l[v] = simd.mul_add_e_f32s(self.l[v], alpha[v], sum[u]);
+                self.m[v] = mx[u];
+            }
+            v0 += w;
         }
     }
 }
