@@ -442,9 +442,9 @@ struct Scratch<S: Simd> {
     /// V̂ panels of the same head, per tile (`BC · dvp` floats): column blocks of MC,
     /// each BC runs of MC floats (one per key). Padded columns stay zero.
     vc: Buf<S>,
-    /// Which tiles of `kc`/`vc` hold the head `chead` (batch, kv head).
+    /// Which tiles of `kc`/`vc` hold the head `chead` (batch, kv head, row-major PV).
     cdone: Vec<bool>,
-    chead: Option<(usize, usize)>,
+    chead: Option<(usize, usize, bool)>,
     /// The shape this scratch was made for.
     dims: Dims,
 }
@@ -583,21 +583,24 @@ fn run_item<
     let k_len = bcp * kst; // floats of one head's K̂
     let v_len = bck * vrow; // floats of one head's V̂
 
-    // Single-head items with transposed PV use the head's cached, interleaved panels
-    // (K̂ blocks read as MK consecutive floats per step, V̂ column blocks as one run)
+    // Single-head items use the head's cached panels (K̂ blocks read as MK consecutive
+    // floats per step; V̂ column blocks as one run each, or V̂ rows for row-major PV)
     // when they fit: a head's Q tiles run one after another, so each K/V tile is
     // packed once per head, not once per Q tile. Tiles then start at multiples of BC.
     let kc_tile = BC.next_multiple_of(MK) * dqk;
-    let vc_tile = BC * dvp;
+    // V̂ tiles: column blocks for transposed PV, rows of `vrow` floats for row-major PV.
+    let vc_tile = if o_rows { BC * vrow } else { BC * dvp };
     let all_tiles = d.skv.div_ceil(BC);
-    let cache = nh == 1 && !o_rows && all_tiles * (kc_tile + vc_tile) <= PANEL_CACHE_FLOATS;
+    let cache = nh == 1 && all_tiles * (kc_tile + vc_tile) <= PANEL_CACHE_FLOATS;
     if cache {
         ensure(&mut sc.kc, all_tiles * kc_tile);
         ensure(&mut sc.vc, all_tiles * vc_tile);
-        if sc.chead != Some((it.b, it.g0)) {
+        // The V̂ layout depends on the PV form, which a head's short last Q tile may
+        // not share with its other tiles: it is part of the key.
+        if sc.chead != Some((it.b, it.g0, o_rows)) {
             sc.cdone.clear();
             sc.cdone.resize(all_tiles, false);
-            sc.chead = Some((it.b, it.g0));
+            sc.chead = Some((it.b, it.g0, o_rows));
         }
     }
 
@@ -713,7 +716,8 @@ fn run_item<
                 if !sc.cdone[tile] {
                     let kc = &mut floats_mut::<S>(&mut sc.kc)[tile * kc_tile..][..kc_tile];
                     let vc = &mut floats_mut::<S>(&mut sc.vc)[tile * vc_tile..][..vc_tile];
-                    pack_panels::<_, _, _, MK, MC>(ctx, it.b, g, tile, kc, vc, &mut sc.blk);
+                    let vr = if o_rows { vrow } else { 0 };
+                    pack_panels::<_, _, _, MK, MC>(ctx, it.b, g, tile, kc, vc, vr, &mut sc.blk);
                     sc.cdone[tile] = true;
                 }
                 // SAFETY: tile < all_tiles, within both caches (`ensure` above).
@@ -745,7 +749,7 @@ fn run_item<
             // that share an L1 set (BSHD rows 4 KiB apart) cost one L2 read per key.
             let mut vsrc: (*const f32, usize) = (core::ptr::null(), vrow);
             if cache {
-                vsrc = (cached.1, MC);
+                vsrc = (cached.1, if o_rows { vrow } else { MC });
             } else if nh == 1
                 && !o_rows
                 && n > 0
@@ -999,8 +1003,9 @@ fn run_item<
 
 /// Packs tile `tile` (keys `tile·BC ..`) of `(b, g)` into the panel cache: K̂ into `kc`
 /// (blocks of MK keys, each `dqk` runs of MK floats), V̂ into `vc` (column blocks of MC,
-/// each BC runs of MC floats). Padding (keys past the tile, columns past `dv`) is never
-/// written, so it keeps the zeros the cache was allocated with.
+/// each BC runs of MC floats; or, with `vrow > 0`, rows of `vrow` floats). Padding (keys
+/// past the tile, columns past `dv`) is never written, so it keeps the zeros the cache
+/// was allocated with.
 #[allow(clippy::too_many_arguments)]
 fn pack_panels<Q, KV: Element, O, const MK: usize, const MC: usize>(
     ctx: &Ctx<'_, Q, KV, O>,
@@ -1009,6 +1014,7 @@ fn pack_panels<Q, KV: Element, O, const MK: usize, const MC: usize>(
     tile: usize,
     kc: &mut [f32],
     vc: &mut [f32],
+    vrow: usize,
     row: &mut [f32],
 ) {
     let (dqk, dv) = (ctx.dims.dqk, ctx.dims.dv);
@@ -1019,6 +1025,10 @@ fn pack_panels<Q, KV: Element, O, const MK: usize, const MC: usize>(
         let block = &mut kc[jj / MK * MK * dqk..][..MK * dqk];
         for (x, &y) in block[jj % MK..].iter_mut().step_by(MK).zip(&row[..dqk]) {
             *x = y;
+        }
+        if vrow > 0 {
+            ctx.kv.pack_v(b, g, j0 + jj, 1, &mut vc[jj * vrow..], vrow);
+            continue;
         }
         ctx.kv.pack_v(b, g, j0 + jj, 1, row, dv);
         for (cb, ch) in row[..dv].chunks(MC).enumerate() {
