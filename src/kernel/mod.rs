@@ -302,10 +302,12 @@ impl<Q: Element, KV: Element, O: Element> WithSimd for Job<'_, '_, '_, Q, KV, O>
     /// `OR` rows × `NVO` column vectors for items of one row vector (decode), or for all
     /// items with `ALL_ROWS`. Each block must fit the register file with room for the
     /// operands:
-    /// - AVX-512 (32 zmm): QK 8×3v and PV 8×3v (24 acc, 11 loads per 24 FMAs). 8 keys
-    ///   divide BC (no padded keys, against 3 % with 6×4v), a 3-vector Qᵀ slab (24 KiB at
-    ///   d 128) leaves room in L1 for the K rows, 8 columns divide the usual head dims (V
-    ///   read in place). BR 192 = 4 slabs; measured 5–10 % faster than BR 128 on a and b.
+    /// - AVX-512 (32 zmm): QK 8×3v (24 acc, 11 loads per 24 FMAs). 8 keys divide BC (no
+    ///   padded keys, against 3 % with 6×4v), a 3-vector Qᵀ slab (24 KiB at d 128) leaves
+    ///   room in L1 for the K̂ panel. PV row-major for every item, 8 rows × 3 column
+    ///   vectors from the cached V̂ rows: 8–10 % faster on d than the transposed 8×3v
+    ///   block, the same on a and b (6 rows × 4 vectors: 2 % behind on d). BR 192 = 4
+    ///   slabs; measured 5–10 % faster than BR 128 on a and b.
     /// - AVX2 (16 ymm): QK 6×2v (12 acc); PV row-major for every item, 6 rows × 2
     ///   column vectors (12 acc), V packed — 10–25 % faster than any transposed block
     ///   that fits 16 registers.
@@ -317,7 +319,7 @@ impl<Q: Element, KV: Element, O: Element> WithSimd for Job<'_, '_, '_, Q, KV, O>
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
         match S::F32_LANES {
-            16 => self.go::<S, 8, 3, 8, 3, 4, 4, false, BR_AVX512>(simd),
+            16 => self.go::<S, 8, 3, 8, 3, 8, 3, true, BR_AVX512>(simd),
             8 => self.go::<S, 6, 2, 4, 3, 6, 2, true, BR_AVX2>(simd),
             4 => self.go::<S, 6, 4, 4, 4, 4, 4, false, BR_OTHER>(simd),
             _ => self.go::<S, 4, 4, 4, 4, 4, 4, false, BR_OTHER>(simd),
@@ -530,8 +532,9 @@ fn run_item<
     // Items of one row vector (decode: a GQA group's few query heads) keep O row-major
     // and run PV the other way round (broadcast P, load V̂ vectors): with rows in lanes
     // they would spend a broadcast per column for one useful FMA per row vector. AVX2
-    // does so for every item (`ALL_ROWS`): with 16 registers its transposed PV block
-    // (4 columns × 3 vectors) ran 10–25 % slower than 6 rows × 2 column vectors.
+    // and AVX-512 do so for every item (`ALL_ROWS`): with 16 registers AVX2's transposed
+    // PV block (4 columns × 3 vectors) ran 10–25 % slower than 6 rows × 2 column
+    // vectors; on AVX-512, 8 rows × 3 vectors beat the transposed 8 × 3v on d.
     // (Not on the scalar backend, whose one-lane "vectors" hold a single row.)
     let o_rows = ALL_ROWS || (nvec == 1 && lanes >= OR);
     // Row stride of Qᵀ, S, P, O and the per-row state: whole vectors, and whole blocks of
