@@ -111,6 +111,24 @@ fn single_query() {
     }
 }
 
+/// Decode items that hold several kv heads and read f32 K/V in place, key-major over the
+/// heads: plain, then with every modifier, a window, sinks and a partial last tile.
+#[test]
+fn multi_head_decode_in_place() {
+    for &skv in &[1usize, 63, 65, 300] {
+        let mut c = Case::new(2, 1, skv, 12, 4, 48, 32);
+        c.seed = skv as u64;
+        check_all(&c);
+        c.softcap = Some(5.0);
+        c.bias = Some(BiasSpec::default());
+        c.alibi = Some(1.0);
+        c.window = Some((40, 0));
+        c.sinks = Some(Sinks::Random(2.0));
+        c.causal = true;
+        check_all(&c);
+    }
+}
+
 #[test]
 fn single_key() {
     for &sq in &[1usize, 2, 17, 64] {
