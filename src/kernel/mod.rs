@@ -58,6 +58,11 @@ const BC: usize = 64;
 /// that follow each other) then pack each K/V tile once instead of once per Q tile.
 const PANEL_CACHE_FLOATS: usize = 4 << 20;
 
+/// Keys per K/V tile of multi-head items (decode): their tile holds every kv head's
+/// rows, 8 × 64 keys × 2 × 512 B = 512 KiB at BC for c, which left nothing of L2 for
+/// the next tile.
+const BC_MH: usize = 16;
+
 /// Keys per split of the KV range when a call has too few (batch, kv head, Q tile)
 /// groups to occupy every core (decode): at least this many tiles per split.
 const MIN_TILES_PER_SPLIT: usize = 4;
@@ -549,7 +554,8 @@ fn run_item<
     let vrow = dv.next_multiple_of(lcm(MC, lanes));
     // Keys per tile, at most: short KV ranges get scratch to match (a multi-head item of
     // 16 keys allocated and zeroed 256 KiB of K̂/V̂ per call with BC).
-    let bck = BC.min(d.skv);
+    let bc = if nh > 1 { BC_MH } else { BC };
+    let bck = bc.min(d.skv);
     let bcp = bck.next_multiple_of(MK);
     let row_of = |g: usize, r: usize| ((r0 + r) / group, g * group + (r0 + r) % group); // (i, h)
 
@@ -669,14 +675,14 @@ fn run_item<
         jlo.max(0)
     };
     let n_tiles = if jhi > start {
-        ((jhi - start) as usize).div_ceil(BC)
+        ((jhi - start) as usize).div_ceil(bc)
     } else {
         0
     };
     let tile_at = |k: usize| {
         let k = if it.t % 2 == 1 { n_tiles - 1 - k } else { k };
-        let j0 = start + (k * BC) as i64;
-        (j0, ((jhi - j0) as usize).min(BC))
+        let j0 = start + (k * bc) as i64;
+        (j0, ((jhi - j0) as usize).min(bc))
     };
     // This item's share of the tiles (all of them unless the group is split).
     let k_lo = n_tiles * it.split / it.splits;
@@ -692,14 +698,30 @@ fn run_item<
         // tiles a Q tile pass needs were mostly in L2 or L3 already), and multi-head
         // (decode) items, which sweep memory in order, ran at 4.8 instead of 6.4 GB/s
         // with it.
+        let ahead = if nh > 1 && kt + 1 < k_hi {
+            Some(tile_at(kt + 1))
+        } else {
+            None
+        };
         if nh > 1 {
-            // One sweep over the key range for every head of the item.
+            // One sweep over the key range for every head of the item. f32 rows are
+            // copied by an inlined vector loop: 1024 calls to memcpy per tile of
+            // decode c cost more than a tenth of its time.
+            let f32_kv = ctx.kv.k_in_place(it.b, it.g0, ju).is_some()
+                && ctx.kv.v_in_place(it.b, it.g0, ju).is_some();
             for jj in 0..n {
                 for hi in 0..nh {
+                    let g = it.g0 + hi;
                     let k = &mut floats_mut::<S>(&mut sc.k)[hi * k_len + jj * kst..][..dqk];
-                    ctx.kv.pack_k(it.b, it.g0 + hi, ju + jj, 1, k, dqk);
-                    let v = &mut floats_mut::<S>(&mut sc.v)[hi * v_len + jj * vrow..][..vrow];
-                    ctx.kv.pack_v(it.b, it.g0 + hi, ju + jj, 1, v, vrow);
+                    match ctx.kv.k_in_place(it.b, g, ju + jj).filter(|_| f32_kv) {
+                        Some((src, _)) => copy_row(simd, &src[..dqk], k),
+                        None => ctx.kv.pack_k(it.b, g, ju + jj, 1, k, dqk),
+                    }
+                    let v = &mut floats_mut::<S>(&mut sc.v)[hi * v_len + jj * vrow..][..dv];
+                    match ctx.kv.v_in_place(it.b, g, ju + jj).filter(|_| f32_kv) {
+                        Some((src, _)) => copy_row(simd, &src[..dv], v),
+                        None => ctx.kv.pack_v(it.b, g, ju + jj, 1, v, dv),
+                    }
                 }
             }
         }
@@ -787,14 +809,46 @@ fn run_item<
                 let kh = &sc.k[hi * k_len / lanes..][..n * dv_];
                 let qh = &sc.qr[hi * nr * dv_..][..nr * dv_];
                 let st = floats_mut::<S>(&mut sc.st);
+                let zero = simd.splat_f32s(0.0);
                 for (j, krow) in kh.chunks_exact(dv_).enumerate() {
+                    if let Some((j1, n1)) = ahead
+                        && j < n1
+                    {
+                        let j1 = j1 as usize + j;
+                        prefetch(ctx.kv.k.row(it.b, j1, g));
+                        prefetch(ctx.kv.v.row(it.b, j1, g));
+                    }
                     let srow = &mut st[j * rs..][..nvec * lanes];
-                    for (x, qrow) in srow.iter_mut().zip(qh.chunks_exact(dv_)) {
-                        let mut acc = simd.splat_f32s(0.0);
+                    // Four query rows per pass over the K̂ row: four independent FMA
+                    // chains (one chain per score was latency-bound, 4 cycles per vector,
+                    // and took most of a decode step's compute).
+                    let mut quads = qh.chunks_exact(4 * dv_);
+                    let mut x = 0;
+                    for q4 in &mut quads {
+                        let (q0, q) = q4.split_at(dv_);
+                        let (q1, q) = q.split_at(dv_);
+                        let (q2, q3) = q.split_at(dv_);
+                        let mut a = [zero; 4];
+                        for ((((kv, y0), y1), y2), y3) in
+                            krow.iter().zip(q0).zip(q1).zip(q2).zip(q3)
+                        {
+                            a[0] = simd.mul_add_e_f32s(*kv, *y0, a[0]);
+                            a[1] = simd.mul_add_e_f32s(*kv, *y1, a[1]);
+                            a[2] = simd.mul_add_e_f32s(*kv, *y2, a[2]);
+                            a[3] = simd.mul_add_e_f32s(*kv, *y3, a[3]);
+                        }
+                        for (dst, acc) in srow[x..x + 4].iter_mut().zip(a) {
+                            *dst = simd.reduce_sum_f32s(acc);
+                        }
+                        x += 4;
+                    }
+                    for qrow in quads.remainder().chunks_exact(dv_) {
+                        let mut acc = zero;
                         for (kv, qv) in krow.iter().zip(qrow) {
                             acc = simd.mul_add_e_f32s(*kv, *qv, acc);
                         }
-                        *x = simd.reduce_sum_f32s(acc);
+                        srow[x] = simd.reduce_sum_f32s(acc);
+                        x += 1;
                     }
                     // Lanes past the rows: finite, like the broadcast block leaves them.
                     srow[nr..].fill(0.0);
@@ -886,6 +940,33 @@ fn run_item<
                 let pp = sc.st.as_ptr() as *const f32;
                 let vv = vp as *const S::f32s;
                 debug_assert!(vstride.is_multiple_of(lanes));
+                if nr <= 4 && OR > 4 {
+                    // A GQA group of at most 4 rows (decode) would fill half of an
+                    // OR-row block with padding: 4 rows × 4 (or 2) column vectors.
+                    let nvo = if lanes >= 16 { 4 } else { 2 };
+                    let mut cb = 0;
+                    while cb < dvqv {
+                        let w = (dvqv - cb).min(nvo);
+                        // SAFETY: as for the OR-row blocks below, with 4 ≤ OR rows.
+                        unsafe {
+                            let b = vv.add(cb);
+                            let o = op.add(cb);
+                            let al = alpha.as_ptr();
+                            let vs = vstride / lanes;
+                            if lanes >= 16 {
+                                tile::bcast_block_w::<S, 4, 4, { tile::ACC_ROWS }>(
+                                    simd, w, pp, 1, rs, b, vs, n, o, dvqv, al,
+                                )
+                            } else {
+                                tile::bcast_block_w::<S, 4, 2, { tile::ACC_ROWS }>(
+                                    simd, w, pp, 1, rs, b, vs, n, o, dvqv, al,
+                                )
+                            }
+                        }
+                        cb += w;
+                    }
+                    continue;
+                }
                 for r0 in (0..nr).step_by(OR) {
                     assert!(r0 + OR <= rs);
                     let mut cb = 0;
@@ -1002,6 +1083,38 @@ fn run_item<
             }
         }
     }
+}
+
+/// Hints that the lines of `row` will be needed soon (into L2 on x86-64; a no-op
+/// elsewhere).
+#[inline(always)]
+fn prefetch<T>(row: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let p = row.as_ptr() as *const i8;
+        for off in (0..core::mem::size_of_val(row)).step_by(64) {
+            // SAFETY: a prefetch is a hint that never faults; the address is in `row`.
+            unsafe {
+                core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T1 }>(
+                    p.wrapping_add(off),
+                )
+            };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = row;
+}
+
+/// `dst = src` (equal lengths), by whole vectors and then floats, inlined.
+#[inline(always)]
+fn copy_row<S: Simd>(simd: S, src: &[f32], dst: &mut [f32]) {
+    let (sv, st) = S::as_simd_f32s(src);
+    let (dv, dt) = S::as_mut_simd_f32s(dst);
+    for (d, s) in dv.iter_mut().zip(sv) {
+        *d = *s;
+    }
+    dt.copy_from_slice(st);
+    let _ = simd;
 }
 
 /// Packs tile `tile` (keys `tile·BC ..`) of `(b, g)` into the panel cache: K̂ into `kc`
