@@ -587,6 +587,18 @@ fn run_item<
     if dot {
         ensure(&mut sc.qr, nh * nr * dqkp);
     }
+    // Multi-head items over f32 K and V whose rows hold whole vectors (V rows a whole
+    // number of vectors apart) read both in place: each tile's rows were prefetched
+    // into L2 while the previous tile was computed, so no copy is needed.
+    let in_place = dot
+        && d.skv > 0
+        && dqk.is_multiple_of(lanes)
+        && dv.is_multiple_of(lanes)
+        && ctx.kv.k_in_place(it.b, it.g0, 0).is_some()
+        && ctx
+            .kv
+            .v_in_place(it.b, it.g0, 0)
+            .is_some_and(|(_, vs)| vs.is_multiple_of(lanes));
     ensure(&mut sc.k, kv_heads * bcp * kst);
     ensure(&mut sc.v, kv_heads * bck * vrow);
     let k_len = bcp * kst; // floats of one head's K̂
@@ -694,16 +706,19 @@ fn run_item<
         if class == TileClass::Empty {
             continue;
         }
-        // No software prefetch: for single-head items it cost 5–8 % on a and b (the
-        // tiles a Q tile pass needs were mostly in L2 or L3 already), and multi-head
-        // (decode) items, which sweep memory in order, ran at 4.8 instead of 6.4 GB/s
-        // with it.
+        // Multi-head items (decode) prefetch the next tile's K/V rows into L2 while
+        // computing this one's scores (row j of head hi during score row j of head hi),
+        // so that DRAM streams while they compute: with 16-key tiles (the next tile
+        // fits in L2 beside this one) and K/V read in place, decode c went from 64 to
+        // 94–98 % of the bandwidth on one thread. Single-head items do not: their next
+        // Q tile finds K/V in the panel cache, and spreading prefetches of the next KV
+        // tile over the first pass measured no better on a and d.
         let ahead = if nh > 1 && kt + 1 < k_hi {
             Some(tile_at(kt + 1))
         } else {
             None
         };
-        if nh > 1 {
+        if nh > 1 && !in_place {
             // One sweep over the key range for every head of the item. f32 rows are
             // copied by an inlined vector loop: 1024 calls to memcpy per tile of
             // decode c cost more than a tenth of its time.
@@ -775,6 +790,10 @@ fn run_item<
             let mut vsrc: (*const f32, usize) = (core::ptr::null(), vrow);
             if cache {
                 vsrc = (cached.1, if o_rows { vrow } else { MC });
+            } else if in_place {
+                let (src, stride) = ctx.kv.v_in_place(it.b, g, ju).expect("f32 V");
+                assert!(n > 0 && (n - 1) * stride + dv <= src.len());
+                vsrc = (src.as_ptr(), stride);
             } else if nh == 1
                 && !o_rows
                 && n > 0
@@ -810,7 +829,18 @@ fn run_item<
                 let qh = &sc.qr[hi * nr * dv_..][..nr * dv_];
                 let st = floats_mut::<S>(&mut sc.st);
                 let zero = simd.splat_f32s(0.0);
-                for (j, krow) in kh.chunks_exact(dv_).enumerate() {
+                let kin = if in_place {
+                    let (src, stride) = ctx.kv.k_in_place(it.b, g, ju).expect("f32 K");
+                    assert!((n - 1) * stride + dqk <= src.len());
+                    Some((src, stride))
+                } else {
+                    None
+                };
+                for j in 0..n {
+                    let krow: &[S::f32s] = match kin {
+                        Some((src, stride)) => bytemuck::cast_slice(&src[j * stride..][..dqk]),
+                        None => &kh[j * dv_..][..dv_],
+                    };
                     if let Some((j1, n1)) = ahead
                         && j < n1
                     {
