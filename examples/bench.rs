@@ -17,7 +17,11 @@
 //! 3. **Attention**: each shape, backend and thread count; a warm-up call, then repeated
 //!    timed calls (about `--budget` seconds, at least 3, at most 50), reporting the median.
 //!    Before every timed call a 64 MiB buffer is read so K/V start cold in cache, as they do
-//!    in a model where every layer has its own KV cache.
+//!    in a model where every layer has its own KV cache. With several threads every thread
+//!    of the pool reads its share (each core's L2 is private), which also leaves the
+//!    pool's threads awake when the call starts, as the other operators of a model step
+//!    leave them: in this VM a parked pool thread took about 1 ms to wake, longer than
+//!    the whole 2-thread decode call it was to help with.
 //!
 //! FLOPs = 4·b·hq·d·(visible query/key pairs): `sq·skv` without a mask, `S(S+1)/2` causal
 //! with `sq = skv = S`. `% peak` divides by `threads × the backend's one-core peak`.
@@ -373,6 +377,22 @@ impl Runner {
         panic!("more than 1 thread needs the `rayon` feature")
     }
 
+    /// Reads `buf` on every thread of the runner, a share each (see [`evict`]).
+    fn evict(&self, buf: &[u8]) {
+        match self {
+            Runner::Single => evict(buf),
+            #[cfg(feature = "rayon")]
+            Runner::Pool(p) => {
+                let share = buf.len().div_ceil(p.current_num_threads());
+                p.broadcast(|ctx| {
+                    if let Some(chunk) = buf.chunks(share).nth(ctx.index()) {
+                        evict(chunk);
+                    }
+                });
+            }
+        }
+    }
+
     fn run(&self, f: &mut (dyn FnMut() + Send)) {
         match self {
             Runner::Single => f(),
@@ -388,7 +408,7 @@ struct Timing {
     reps: usize,
 }
 
-fn time_calls(budget: f64, cold: &[u8], mut call: impl FnMut()) -> Timing {
+fn time_calls(budget: f64, mut evict: impl FnMut(), mut call: impl FnMut()) -> Timing {
     // Warm-up: page in the data, spin up the pool, fill the scratch buffers.
     let t = Instant::now();
     call();
@@ -402,7 +422,7 @@ fn time_calls(budget: f64, cold: &[u8], mut call: impl FnMut()) -> Timing {
     let reps = ((budget / first.max(1e-6)) as usize).clamp(3, 50);
     let mut ms: Vec<f64> = (0..reps)
         .map(|_| {
-            evict(cold);
+            evict();
             let t = Instant::now();
             call();
             t.elapsed().as_secs_f64() * 1e3
@@ -582,9 +602,11 @@ fn main() {
                 if *threads == 1 {
                     attn = attn.threads(1);
                 }
-                let t = time_calls(opts.budget, &cold, || {
-                    runner.run(&mut || data.forward(shape, &attn))
-                });
+                let t = time_calls(
+                    opts.budget,
+                    || runner.evict(&cold),
+                    || runner.run(&mut || data.forward(shape, &attn)),
+                );
                 assert!(data.o.iter().all(|x| x.is_finite()), "non-finite output");
                 let secs = t.median_ms / 1e3;
                 let gflops = shape.flops() / secs / 1e9;
