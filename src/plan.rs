@@ -20,6 +20,38 @@ use std::sync::Mutex;
 
 type ScratchBox = Box<dyn core::any::Any + Send>;
 
+/// Scratch and partial buffers of finished plans, for the next calls: a model calls
+/// attention with the same few shapes over and over, and allocating (and page-faulting)
+/// them anew cost a tenth of shape d and most of a short call.
+struct Idle {
+    scratch: Vec<ScratchBox>,
+    partials: Vec<Vec<f32>>,
+}
+
+static IDLE: Mutex<Idle> = Mutex::new(Idle {
+    scratch: Vec::new(),
+    partials: Vec::new(),
+});
+
+/// Idle scratch kept at most: enough for every worker of a few concurrent calls.
+const MAX_IDLE: usize = 32;
+
+fn idle_scratch() -> Option<ScratchBox> {
+    IDLE.lock().ok()?.scratch.pop()
+}
+
+/// A buffer of `n` floats (contents unspecified: every partial slot is written by its
+/// item before the merge reads it).
+fn partial_buffer(n: usize) -> Vec<f32> {
+    let mut v = IDLE
+        .lock()
+        .ok()
+        .and_then(|mut i| i.partials.pop())
+        .unwrap_or_default();
+    v.resize(n, 0.0);
+    v
+}
+
 /// A validated attention call cut into independent work items.
 ///
 /// Build it with [`Attention::plan`](crate::Attention::plan), then run every item in
@@ -57,9 +89,24 @@ pub struct Plan<'p, Q, KV, O> {
     /// Per group: splits not yet finished.
     remaining: Box<[AtomicUsize]>,
     /// Storage behind `ctx.sink.partial`; only reached through that pointer.
-    _partials: Vec<f32>,
+    partials: Vec<f32>,
     pool: Mutex<Vec<ScratchBox>>,
     _out: PhantomData<&'p mut [O]>,
+}
+
+impl<Q, KV, O> Drop for Plan<'_, Q, KV, O> {
+    /// Hands the plan's scratch and partial buffers to the next calls.
+    fn drop(&mut self) {
+        let scratch = self.pool.get_mut().map(core::mem::take).unwrap_or_default();
+        let partials = core::mem::take(&mut self.partials);
+        if let Ok(mut idle) = IDLE.lock() {
+            let room = MAX_IDLE.saturating_sub(idle.scratch.len());
+            idle.scratch.extend(scratch.into_iter().take(room));
+            if partials.capacity() > 0 && idle.partials.len() < MAX_IDLE {
+                idle.partials.push(partials);
+            }
+        }
+    }
 }
 
 impl<'p, Q: Element, KV: Element, O: Element> Plan<'p, Q, KV, O> {
@@ -76,7 +123,7 @@ impl<'p, Q: Element, KV: Element, O: Element> Plan<'p, Q, KV, O> {
     ) -> Self {
         let layout = Layout::new(&dims, backend);
         let mut partials = if layout.splits > 1 {
-            vec![0.0f32; layout.items() * layout.slot(dims.dv)]
+            partial_buffer(layout.items() * layout.slot(dims.dv))
         } else {
             Vec::new()
         };
@@ -104,7 +151,7 @@ impl<'p, Q: Element, KV: Element, O: Element> Plan<'p, Q, KV, O> {
                 .collect(),
             ctx,
             backend,
-            _partials: partials,
+            partials,
             pool: Mutex::new(Vec::new()),
             _out: PhantomData,
         }
@@ -146,7 +193,12 @@ impl<'p, Q: Element, KV: Element, O: Element> Plan<'p, Q, KV, O> {
         if self.started[i].swap(true, Ordering::Relaxed) {
             return Err(Error::param("item", format!("item {i} has already run")));
         }
-        let mut scratch = self.pool.lock().map(|mut p| p.pop()).unwrap_or(None);
+        let mut scratch = self
+            .pool
+            .lock()
+            .map(|mut p| p.pop())
+            .unwrap_or(None)
+            .or_else(idle_scratch);
         let res = run_item_on(self.backend, &self.ctx, i, &mut scratch);
         if let Some(s) = scratch
             && let Ok(mut p) = self.pool.lock()

@@ -20,7 +20,8 @@
 //! ```
 //!
 //! Tile shapes are compile-time constants per backend (see [`Job::with_simd`]); the
-//! scratch of a worker is allocated once per call and reused by every item it runs.
+//! scratch of a worker is reused by every item it runs, and by later calls (kept in a
+//! process-wide pool, [`crate::plan`]).
 
 mod mask;
 pub(crate) mod math;
@@ -257,7 +258,13 @@ pub(crate) struct Ctx<'a, Q, KV, O> {
     /// Scores are modified (softcap, ALiBi, bias): the scale is applied to them, not in
     /// the exponent.
     pub modified: bool,
+    /// A number no other call shares: scratch kept from an earlier call (whose panel
+    /// cache describes other K/V) is reset when it first meets this one.
+    pub call: u64,
 }
+
+/// Source of [`Ctx::call`].
+static CALLS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 
 impl<'a, Q, KV, O> Ctx<'a, Q, KV, O> {
     pub fn new(
@@ -278,6 +285,7 @@ impl<'a, Q, KV, O> Ctx<'a, Q, KV, O> {
             sink,
             layout,
             modified: params.softcap.is_some() || params.alibi.is_some() || params.bias.is_some(),
+            call: CALLS.fetch_add(1, core::sync::atomic::Ordering::Relaxed),
         }
     }
 }
@@ -351,18 +359,19 @@ impl<Q: Element, KV: Element, O: Element> Job<'_, '_, '_, Q, KV, O> {
     ) {
         // The plan's layout and the instantiated tile must agree (one table above).
         assert_eq!(BR, self.ctx.layout.br, "tile rows disagree with the plan");
-        let fresh = !matches!(
-            self.scratch.as_ref().and_then(|b| b.downcast_ref::<Scratch<S>>()),
-            Some(sc) if sc.dims == self.ctx.dims
-        );
-        if fresh {
-            *self.scratch = Some(Box::new(Scratch::<S>::new(&self.ctx.dims)));
+        // Scratch of this backend is reused, whichever call made it: its buffers only
+        // grow, so a model's calls stop allocating (and page-faulting) after the first.
+        if !self.scratch.as_ref().is_some_and(|b| b.is::<Scratch<S>>()) {
+            *self.scratch = Some(Box::new(Scratch::<S>::new()));
         }
         let sc = self
             .scratch
             .as_mut()
             .and_then(|b| b.downcast_mut::<Scratch<S>>())
             .expect("scratch was just made for this backend");
+        if sc.call != Some(self.ctx.call) {
+            sc.begin_call(&self.ctx.dims, self.ctx.call);
+        }
         run_item::<S, Q, KV, O, MK, NVQ, MC, NVP, OR, NVO, ALL_ROWS, BR>(
             simd, self.ctx, self.it, sc,
         );
@@ -422,7 +431,8 @@ impl<S: Simd> core::ops::DerefMut for Buf<S> {
     }
 }
 
-/// Per-worker scratch, allocated once and reused by every item the worker runs.
+/// Per-worker scratch, reused by every item the worker runs and kept across calls (its
+/// buffers only grow); nothing may rely on it being zero.
 /// Vectors of `S::f32s` keep every packed panel aligned to the vector width. Per-head
 /// state (`qt`, `o`, `m`, `l`, `alpha`, `slope`, `posf`) holds one block per kv head of
 /// the item, sized to the item's rows, not to `BR`.
@@ -445,20 +455,20 @@ struct Scratch<S: Simd> {
     blk: Vec<f32>,
     /// K̂ panels of one (batch, kv head), per tile of BC keys (`kc_tile` floats each):
     /// blocks of MK keys, each `dqk` runs of MK floats (key-interleaved, so a QK step
-    /// broadcasts MK consecutive floats). Padded keys stay zero.
+    /// broadcasts MK consecutive floats). Padded keys are zero.
     kc: Buf<S>,
     /// V̂ panels of the same head, per tile (`BC · dvp` floats): column blocks of MC,
-    /// each BC runs of MC floats (one per key). Padded columns stay zero.
+    /// each BC runs of MC floats (one per key). Padded columns are zero.
     vc: Buf<S>,
     /// Which tiles of `kc`/`vc` hold the head `chead` (batch, kv head, row-major PV).
     cdone: Vec<bool>,
     chead: Option<(usize, usize, bool)>,
-    /// The shape this scratch was made for.
-    dims: Dims,
+    /// The call ([`Ctx::call`]) this scratch last served.
+    call: Option<u64>,
 }
 
 impl<S: Simd> Scratch<S> {
-    fn new(d: &Dims) -> Self {
+    fn new() -> Self {
         Scratch {
             qt: Buf::new(),
             qr: Buf::new(),
@@ -471,14 +481,24 @@ impl<S: Simd> Scratch<S> {
             alpha: Buf::new(),
             slope: Buf::new(),
             posf: Buf::new(),
-            row: vec![0.0; d.dv],
-            blk: vec![0.0; TB * d.dqk.max(d.dv)],
+            row: Vec::new(),
+            blk: Vec::new(),
             kc: Buf::new(),
             vc: Buf::new(),
             cdone: Vec::new(),
             chead: None,
-            dims: *d,
+            call: None,
         }
+    }
+
+    /// Readies the scratch for a new call: per-shape rows, and a panel cache that holds
+    /// nothing (it described another call's K/V).
+    fn begin_call(&mut self, d: &Dims, call: u64) {
+        self.row.resize(d.dv, 0.0);
+        self.blk.resize(TB * d.dqk.max(d.dv), 0.0);
+        self.chead = None;
+        self.cdone.clear();
+        self.call = Some(call);
     }
 }
 
@@ -649,7 +669,10 @@ fn run_item<
             if dot {
                 let qr = &mut floats_mut::<S>(&mut sc.qr)[hi * nr * dqkp..][..nr * dqkp];
                 for (rr, src) in blk.chunks_exact(dqk).take(nb).enumerate() {
-                    qr[(r0 + rr) * dqkp..][..dqk].copy_from_slice(src);
+                    let dst = &mut qr[(r0 + rr) * dqkp..][..dqkp];
+                    dst[..dqk].copy_from_slice(src);
+                    // Scratch outlives calls: the pad must be zeroed, not assumed zero.
+                    dst[dqk..].fill(0.0);
                 }
             }
         }
@@ -728,7 +751,9 @@ fn run_item<
             for jj in 0..n {
                 for hi in 0..nh {
                     let g = it.g0 + hi;
-                    let k = &mut floats_mut::<S>(&mut sc.k)[hi * k_len + jj * kst..][..dqk];
+                    let k = &mut floats_mut::<S>(&mut sc.k)[hi * k_len + jj * kst..][..kst];
+                    let (k, pad) = k.split_at_mut(dqk);
+                    pad.fill(0.0); // the dot products read whole vectors
                     match ctx.kv.k_in_place(it.b, g, ju + jj).filter(|_| f32_kv) {
                         Some((src, _)) => copy_row(simd, &src[..dqk], k),
                         None => ctx.kv.pack_k(it.b, g, ju + jj, 1, k, dqk),
@@ -785,8 +810,8 @@ fn run_item<
                 }
             }
             // V: with one head per item, read in place when it is f32 and its columns
-            // fill whole PV blocks; else packed into V̂ (rows of vrow floats, the padding
-            // columns zero). PV broadcasts V, so in place it costs no copy, and rows
+            // fill whole PV blocks; else packed into V̂ (rows of vrow floats, whose padding
+            // columns only ever reach padding columns of O). PV broadcasts V, so in place it costs no copy, and rows
             // that share an L1 set (BSHD rows 4 KiB apart) cost one L2 read per key.
             let mut vsrc: (*const f32, usize) = (core::ptr::null(), vrow);
             if cache {
@@ -1151,8 +1176,8 @@ fn copy_row<S: Simd>(simd: S, src: &[f32], dst: &mut [f32]) {
 /// Packs tile `tile` (keys `tile·BC ..`) of `(b, g)` into the panel cache: K̂ into `kc`
 /// (blocks of MK keys, each `dqk` runs of MK floats), V̂ into `vc` (column blocks of MC,
 /// each BC runs of MC floats; or, with `vrow > 0`, rows of `vrow` floats). Padding (keys
-/// past the tile, columns past `dv`) is never written, so it keeps the zeros the cache
-/// was allocated with.
+/// past the tile, columns past `dv`) is zeroed: scratch outlives calls, so it may hold
+/// another shape's floats.
 #[allow(clippy::too_many_arguments)]
 fn pack_panels<Q, KV: Element, O, const MK: usize, const MC: usize>(
     ctx: &Ctx<'_, Q, KV, O>,
@@ -1167,6 +1192,12 @@ fn pack_panels<Q, KV: Element, O, const MK: usize, const MC: usize>(
     let (dqk, dv) = (ctx.dims.dqk, ctx.dims.dv);
     let j0 = tile * BC;
     let n = BC.min(ctx.dims.skv - j0);
+    if n < BC {
+        kc.fill(0.0);
+    }
+    if n < BC || !dv.is_multiple_of(MC) || vrow > dv {
+        vc.fill(0.0);
+    }
     for jj in 0..n {
         ctx.kv.pack_k(b, g, j0 + jj, 1, row, dqk);
         let block = &mut kc[jj / MK * MK * dqk..][..MK * dqk];
