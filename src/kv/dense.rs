@@ -21,14 +21,12 @@ impl<T: Element> KvSource for DenseKv<'_, T> {
 
     #[inline]
     fn k_in_place(&self, b: usize, g: usize, j0: usize) -> Option<(&[f32], usize)> {
-        let all = T::as_f32(self.k.data)?;
-        Some((&all[self.k.offset(b, j0, g)..], self.k.strides[1]))
+        rows_in_place(&self.k, b, g, j0)
     }
 
     #[inline]
     fn v_in_place(&self, b: usize, g: usize, j0: usize) -> Option<(&[f32], usize)> {
-        let all = T::as_f32(self.v.data)?;
-        Some((&all[self.v.offset(b, j0, g)..], self.v.strides[1]))
+        rows_in_place(&self.v, b, g, j0)
     }
 
     #[inline]
@@ -38,4 +36,16 @@ impl<T: Element> KvSource for DenseKv<'_, T> {
             T::load_row(self.v.row(b, j0 + jj, g), &mut out[..d]);
         }
     }
+}
+
+/// Rows of `(b, g)` from key `j0` on, and their stride, when `t` is f32.
+#[inline]
+fn rows_in_place<'t, T: Element>(
+    t: &Tensor<'t, T>,
+    b: usize,
+    g: usize,
+    j0: usize,
+) -> Option<(&'t [f32], usize)> {
+    let all = T::as_f32(t.data)?;
+    Some((&all[t.offset(b, j0, g)..], t.strides[1]))
 }
