@@ -33,8 +33,14 @@ static IDLE: Mutex<Idle> = Mutex::new(Idle {
     partials: Vec::new(),
 });
 
-/// Idle scratch kept at most: enough for every worker of a few concurrent calls.
-const MAX_IDLE: usize = 32;
+/// Idle scratch kept at most, per core: enough for every worker of two concurrent
+/// calls. Each holds up to 16 MiB of K̂/V̂ panels besides its per-tile buffers, and none
+/// is ever freed: a process keeps what its largest calls needed.
+const IDLE_PER_CORE: usize = 2;
+
+fn max_idle() -> usize {
+    IDLE_PER_CORE * std::thread::available_parallelism().map_or(1, |n| n.get())
+}
 
 fn idle_scratch() -> Option<ScratchBox> {
     IDLE.lock().ok()?.scratch.pop()
@@ -100,9 +106,10 @@ impl<Q, KV, O> Drop for Plan<'_, Q, KV, O> {
         let scratch = self.pool.get_mut().map(core::mem::take).unwrap_or_default();
         let partials = core::mem::take(&mut self.partials);
         if let Ok(mut idle) = IDLE.lock() {
-            let room = MAX_IDLE.saturating_sub(idle.scratch.len());
+            let max = max_idle();
+            let room = max.saturating_sub(idle.scratch.len());
             idle.scratch.extend(scratch.into_iter().take(room));
-            if partials.capacity() > 0 && idle.partials.len() < MAX_IDLE {
+            if partials.capacity() > 0 && idle.partials.len() < max {
                 idle.partials.push(partials);
             }
         }
