@@ -21,7 +21,7 @@
 #   demo          cargo run --release --example demo (if examples/demo.rs exists)
 #
 # Knobs: FUZZ_SECONDS (default 60), QEMU_PROPTEST_CASES (default 16; qemu steps also run
-# 8 instead of 24 cases of tests/scratch_reuse.rs).
+# 4 instead of 24 cases of each test in tests/scratch_reuse.rs).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -203,7 +203,7 @@ qemu_x86() {
     # Changing the runner does not rebuild: the binaries of the host step are reused.
     CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="qemu-x86_64 -cpu $cpu" \
         FLASHCPU_EXPECT_BACKEND=$expect FLASHCPU_EXPECT_DETECT=$detect \
-        PROPTEST_CASES=$QEMU_PROPTEST_CASES FLASHCPU_REUSE_CASES=8 \
+        PROPTEST_CASES=$QEMU_PROPTEST_CASES FLASHCPU_REUSE_CASES=4 \
         run cargo test --tests --no-fail-fast
 }
 qemu_avx2_step() { qemu_x86 max scalar,avx2 avx2; }
@@ -214,7 +214,7 @@ arm_step() {
     CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
         CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu" \
         FLASHCPU_EXPECT_BACKEND=scalar,neon FLASHCPU_EXPECT_DETECT=neon \
-        PROPTEST_CASES=$QEMU_PROPTEST_CASES FLASHCPU_REUSE_CASES=8 \
+        PROPTEST_CASES=$QEMU_PROPTEST_CASES FLASHCPU_REUSE_CASES=4 \
         run cargo test --tests --no-fail-fast --target "$ARM_TARGET"
 }
 
