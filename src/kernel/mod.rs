@@ -755,12 +755,12 @@ fn run_item<
                     let (k, pad) = k.split_at_mut(dqk);
                     pad.fill(0.0); // the dot products read whole vectors
                     match ctx.kv.k_in_place(it.b, g, ju + jj).filter(|_| f32_kv) {
-                        Some((src, _)) => copy_row(simd, &src[..dqk], k),
+                        Some((src, _)) => copy_row::<S>(&src[..dqk], k),
                         None => ctx.kv.pack_k(it.b, g, ju + jj, 1, k, dqk),
                     }
                     let v = &mut floats_mut::<S>(&mut sc.v)[hi * v_len + jj * vrow..][..dv];
                     match ctx.kv.v_in_place(it.b, g, ju + jj).filter(|_| f32_kv) {
-                        Some((src, _)) => copy_row(simd, &src[..dv], v),
+                        Some((src, _)) => copy_row::<S>(&src[..dv], v),
                         None => ctx.kv.pack_v(it.b, g, ju + jj, 1, v, dv),
                     }
                 }
@@ -1009,15 +1009,11 @@ fn run_item<
                             let o = op.add(cb);
                             let al = alpha.as_ptr();
                             let vs = vstride / lanes;
-                            if lanes >= 16 {
-                                tile::bcast_block_w::<S, 4, 4, { tile::ACC_ROWS }>(
-                                    simd, w, pp, 1, rs, b, vs, n, o, dvqv, al,
-                                )
-                            } else {
-                                tile::bcast_block_w::<S, 4, 2, { tile::ACC_ROWS }>(
-                                    simd, w, pp, 1, rs, b, vs, n, o, dvqv, al,
-                                )
-                            }
+                            // w ≤ nvo: the 4-vector instantiation dispatches narrower
+                            // widths (2 on 16-register ISAs) to their own blocks.
+                            tile::bcast_block_w::<S, 4, 4, { tile::ACC_ROWS }>(
+                                simd, w, pp, 1, rs, b, vs, n, o, dvqv, al,
+                            )
                         }
                         cb += w;
                     }
@@ -1163,14 +1159,13 @@ fn prefetch<T>(row: &[T]) {
 
 /// `dst = src` (equal lengths), by whole vectors and then floats, inlined.
 #[inline(always)]
-fn copy_row<S: Simd>(simd: S, src: &[f32], dst: &mut [f32]) {
+fn copy_row<S: Simd>(src: &[f32], dst: &mut [f32]) {
     let (sv, st) = S::as_simd_f32s(src);
     let (dv, dt) = S::as_mut_simd_f32s(dst);
     for (d, s) in dv.iter_mut().zip(sv) {
         *d = *s;
     }
     dt.copy_from_slice(st);
-    let _ = simd;
 }
 
 /// Packs tile `tile` (keys `tile·BC ..`) of `(b, g)` into the panel cache: K̂ into `kc`
