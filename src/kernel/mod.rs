@@ -130,6 +130,29 @@ impl<O: Element> Sink<O> {
         O::store_row(src, dst);
     }
 
+    /// Asks for output row `(b, i, h)` in cache, for writing (x86-64 only).
+    #[inline(always)]
+    fn prefetch_row(&self, b: usize, i: usize, h: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let off = b * self.strides[0] + i * self.strides[1] + h * self.strides[2];
+            if off + self.dv <= self.out_len {
+                let p = self.out.wrapping_add(off) as *const i8;
+                for at in (0..self.dv * core::mem::size_of::<O>()).step_by(64) {
+                    // SAFETY: a prefetch is a hint that never faults; the address is in
+                    // the output row (checked above).
+                    unsafe {
+                        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_ET0 }>(
+                            p.wrapping_add(at),
+                        )
+                    };
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (b, i, h);
+    }
+
     #[inline]
     fn write_lse(&self, idx: usize, x: f32) {
         if !self.lse.is_null() {
@@ -659,6 +682,10 @@ fn run_item<
             let nb = (nr - r0).min(TB);
             for (rr, dst) in blk.chunks_exact_mut(dqk).take(nb).enumerate() {
                 let (i, h) = row_of(g, r0 + rr);
+                if r0 + rr + PACK_AHEAD < nr {
+                    let (ia, ha) = row_of(g, r0 + rr + PACK_AHEAD);
+                    prefetch(ctx.q.row(it.b, ia, ha));
+                }
                 Q::load_row(ctx.q.row(it.b, i, h), dst);
             }
             for (c, run) in qt.chunks_exact_mut(rs).enumerate() {
@@ -1114,6 +1141,10 @@ fn run_item<
         if o_rows {
             for r in 0..nr {
                 let (i, h) = row_of(it.g0 + hi, r);
+                if r + PACK_AHEAD < nr {
+                    let (ia, ha) = row_of(it.g0 + hi, r + PACK_AHEAD);
+                    ctx.sink.prefetch_row(it.b, ia, ha);
+                }
                 let x = hi * rs + r;
                 let orow = &o[hi * o_len + r * dvq..][..dv];
                 finish_row(ctx, it.b, i, h, m[x] as f64, l[x] as f64, orow, out);
@@ -1168,6 +1199,9 @@ fn copy_row<S: Simd>(src: &[f32], dst: &mut [f32]) {
     dt.copy_from_slice(st);
 }
 
+/// Rows ahead that the row copies (K/V packing, Q loads, output writes) prefetch.
+const PACK_AHEAD: usize = 8;
+
 /// Packs tile `tile` (keys `tile·BC ..`) of `(b, g)` into the panel cache: K̂ into `kc`
 /// (blocks of MK keys, each `dqk` runs of MK floats), V̂ into `vc` (column blocks of MC,
 /// each BC runs of MC floats; or, with `vrow > 0`, rows of `vrow` floats). Padding (keys
@@ -1193,7 +1227,16 @@ fn pack_panels<Q, KV: Element, O, const MK: usize, const MC: usize>(
     if n < BC || !dv.is_multiple_of(MC) || vrow > dv {
         vc.fill(0.0);
     }
+    let skv = ctx.dims.skv;
     for jj in 0..n {
+        // Rows of one head are a head count apart (4 KiB in BSHD at 8 kv heads × d 128),
+        // so each is a new page and the hardware prefetchers do not run ahead: ask for
+        // the row PACK_AHEAD keys on (into the next tile, too) while copying this one.
+        let ja = j0 + jj + PACK_AHEAD;
+        if ja < skv {
+            prefetch(ctx.kv.k.row(b, ja, g));
+            prefetch(ctx.kv.v.row(b, ja, g));
+        }
         ctx.kv.pack_k(b, g, j0 + jj, 1, row, dqk);
         let block = &mut kc[jj / MK * MK * dqk..][..MK * dqk];
         for (x, &y) in block[jj % MK..].iter_mut().step_by(MK).zip(&row[..dqk]) {
