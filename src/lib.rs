@@ -70,5 +70,5 @@ pub use backend::Backend;
 pub use element::Element;
 pub use error::{Error, Result};
 pub use half::{bf16, f16};
-pub use plan::Plan;
+pub use plan::{Plan, release_scratch};
 pub use tensor::{Bias, Tensor, TensorMut};

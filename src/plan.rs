@@ -42,6 +42,32 @@ fn max_idle() -> usize {
     IDLE_PER_CORE * std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// Frees the scratch memory that finished calls keep for later ones.
+///
+/// Each call takes its per-worker scratch (packed K/V panels, tile buffers) from a
+/// process-wide pool and returns it when its [`Plan`] is dropped, so a model's repeated
+/// calls stop allocating after the first. The pool keeps at most two scratches per core,
+/// each sized for the largest call it served (up to about 17 MiB). An engine that is
+/// done with attention for a while, or that just ran an unusually large call, can give
+/// that memory back with this function; later calls simply allocate again. Plans alive
+/// at the time are not affected (their scratch joins the pool when they are dropped).
+///
+/// ```
+/// flashcpu::release_scratch();
+/// ```
+pub fn release_scratch() {
+    // Take the buffers out under the lock, free them after it is released.
+    let (scratch, partials) = match IDLE.lock() {
+        Ok(mut idle) => (
+            core::mem::take(&mut idle.scratch),
+            core::mem::take(&mut idle.partials),
+        ),
+        Err(_) => return,
+    };
+    drop(scratch);
+    drop(partials);
+}
+
 fn idle_scratch() -> Option<ScratchBox> {
     IDLE.lock().ok()?.scratch.pop()
 }

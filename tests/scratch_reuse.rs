@@ -208,3 +208,38 @@ fn reused_scratch_multi_head_edges() {
     }
     assert_eq!(fails, 0);
 }
+
+/// `release_scratch` empties the pool: calls after it (and calls racing with it on other
+/// threads) allocate afresh and give the same bits as before.
+#[test]
+fn released_scratch_gives_the_same_bits() {
+    let mut rng = Rng::new(777);
+    let cases: Vec<Case> = (0..cases_to_run().min(6))
+        .map(|i| random_case(&mut rng, 1000 + i as u64))
+        .collect();
+    for be in common::backends() {
+        for c in &cases {
+            let data = c.data();
+            poison(be);
+            let before = run(c, &data, be).unwrap();
+            flashcpu::release_scratch();
+            let after = run(c, &data, be).unwrap();
+            assert_eq!(before.bits, after.bits, "{be} {c:?}");
+            // Releases racing with calls on another thread change nothing either.
+            std::thread::scope(|s| {
+                let h = s.spawn(|| {
+                    (0..3)
+                        .map(|_| run(c, &data, be).unwrap().bits)
+                        .collect::<Vec<_>>()
+                });
+                for _ in 0..20 {
+                    flashcpu::release_scratch();
+                    std::thread::yield_now();
+                }
+                for bits in h.join().unwrap() {
+                    assert_eq!(bits, before.bits, "{be} {c:?}");
+                }
+            });
+        }
+    }
+}
