@@ -31,8 +31,13 @@ impl<S: Simd> OnlineSoftmax<'_, S> {
     /// Turns scores `st[j * stride + v]` (`j < n`, `v < m.len()`) into probabilities
     /// relative to the new running max, folds their sums into `l`, and writes each row's
     /// rescale factor `e^{c(m_old - m_new)}` into `alpha` (0 for rows with no history).
+    ///
+    /// The probabilities replace the scores, or with `IL` go to `p[v * p_keys + j]`
+    /// instead: interleaved by row vector, so that a block of rows within one vector
+    /// finds each key's probabilities in the line after the previous key's.
+    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    pub fn update(
+    pub fn update<const IL: bool>(
         &mut self,
         simd: S,
         st: &mut [S::f32s],
@@ -40,6 +45,8 @@ impl<S: Simd> OnlineSoftmax<'_, S> {
         n: usize,
         c: f32,
         alpha: &mut [S::f32s],
+        p: &mut [S::f32s],
+        p_keys: usize,
     ) {
         let ninf = simd.splat_f32s(f32::NEG_INFINITY);
         let zero = simd.splat_f32s(0.0);
@@ -76,11 +83,15 @@ impl<S: Simd> OnlineSoftmax<'_, S> {
                 alpha[v0 + u] = exp2(simd, arg(simd.sub_f32s(self.m[v0 + u], m_use[u])));
             }
             let mut sum = [zero; G];
-            for row in st.chunks_mut(stride).take(n) {
+            for (j, row) in st.chunks_mut(stride).take(n).enumerate() {
                 for u in 0..w {
-                    let p = exp2(simd, arg(simd.sub_f32s(row[v0 + u], m_use[u])));
-                    row[v0 + u] = p;
-                    sum[u] = simd.add_f32s(sum[u], p);
+                    let e = exp2(simd, arg(simd.sub_f32s(row[v0 + u], m_use[u])));
+                    if IL {
+                        p[(v0 + u) * p_keys + j] = e;
+                    } else {
+                        row[v0 + u] = e;
+                    }
+                    sum[u] = simd.add_f32s(sum[u], e);
                 }
             }
             for u in 0..w {
