@@ -9,7 +9,8 @@
 //!     Qᵀ = the tile's rows (query positions × query heads of the kv group), packed d-major
 //!     m = -inf, l = 0, O = 0                                  // per row, f32
 //!     for each K/V tile the mask does not rule out:           // mask → loop bounds
-//!         K̂, V̂ = the tile's rows: read in place when f32, else converted once per tile
+//!         K̂, V̂ = the tile's panels: packed once per (batch, kv head) and kept, when
+//!                they fit, for the head's next Q tiles (decode: f32 rows read in place)
 //!         S = K̂·Qᵀ                                            // register-blocked micro-kernel
 //!         modifiers (softcap, bias, ALiBi) and the partial-tile mask, only where needed
 //!         m' = max(m, colmax S); P = exp2((S - m')·c·log2 e); l = l·e^(m-m') + Σ P
@@ -19,17 +20,20 @@
 //!
 //! The optimisations, in order of their weight:
 //! 1. Both products are register-blocked micro-kernels written once over
-//!    `S: pulp::Simd`, with tile shapes picked per backend (`kernel/tile.rs`).
+//!    `S: pulp::Simd` (a broadcast operand times a few vectors per step), with tile
+//!    shapes picked per backend (`kernel/tile.rs`, table in `kernel/mod.rs`).
 //! 2. Scores are kept transposed (keys × query rows), so the online softmax runs across
-//!    rows in SIMD lanes with no horizontal reductions, and K is used in its natural
-//!    row-major layout; O is kept transposed too, so both products broadcast K or V
-//!    straight from the caller's rows (no copy for f32) and the softmax's rescale is a
-//!    per-lane multiply folded into the PV micro-kernel.
+//!    rows in SIMD lanes with no horizontal reductions. On AVX-512 and AVX2, O is
+//!    row-major and PV broadcasts P (written by the softmax interleaved by row vector)
+//!    against rows of V̂; the softmax's rescale is folded into the PV micro-kernel.
 //! 3. The query heads that share a kv head are rows of the same tile, so each K/V tile
-//!    is read and converted once per GQA group.
+//!    is read and converted once per GQA group, and packed once per kv head.
 //! 4. The mask classifies tiles as empty (skipped), full (no per-element work) or partial.
 //! 5. The running max is subtracted before the scale enters the exponent, so logits of
 //!    ±1e4 lose no accuracy (folding the scale into Q would round them first).
+//! 6. Decode sweeps every kv head's rows of a key range in one pass, prefetching the
+//!    next tile while computing this one, and splits long KV ranges across threads
+//!    (merged in a fixed order, so results stay bit-identical for every thread count).
 //!
 //! ```
 //! use flashcpu::{Attention, Backend, Tensor, TensorMut};
