@@ -27,6 +27,7 @@ mod mask;
 pub(crate) mod math;
 mod softmax;
 mod tile;
+mod transpose;
 
 use crate::attention::{Dims, Params};
 use crate::backend::{Backend, dispatch};
@@ -700,11 +701,7 @@ fn run_item<
                 }
                 Q::load_row(ctx.q.row(it.b, i, h), dst);
             }
-            for (c, run) in qt.chunks_exact_mut(rs).enumerate() {
-                for (rr, x) in run[r0..r0 + nb].iter_mut().enumerate() {
-                    *x = blk[rr * dqk + c];
-                }
-            }
+            transpose::transpose(lanes == 16, blk, dqk, nb, dqk, &mut qt[r0..], rs);
             if dot {
                 let qr = &mut floats_mut::<S>(&mut sc.qr)[hi * nr * dqkp..][..nr * dqkp];
                 for (rr, src) in blk.chunks_exact(dqk).take(nb).enumerate() {
