@@ -343,6 +343,9 @@ impl<'a> Attention<'a> {
     }
 }
 
+/// The longest K/V sequence a call accepts.
+pub(crate) const MAX_SEQ_KV: usize = u32::MAX as usize;
+
 /// Checks that q, k and v agree and returns the sizes.
 pub(crate) fn check_inputs<Q, KV>(
     q: &Tensor<'_, Q>,
@@ -380,6 +383,14 @@ pub(crate) fn check_inputs<Q, KV>(
         return Err(Error::shape(
             "v",
             format!("batch {vb} differs from q's batch {b}"),
+        ));
+    }
+    if skv > MAX_SEQ_KV {
+        // Only a view with zero strides can be this long; positions, tile counts and
+        // ALiBi distances are computed with room to spare below this bound.
+        return Err(Error::shape(
+            "k",
+            format!("seq_kv {skv} exceeds the supported maximum of {MAX_SEQ_KV} (2^32 - 1)"),
         ));
     }
     if vs != skv {

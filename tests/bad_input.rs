@@ -582,3 +582,37 @@ fn view_reaching_usize_max_is_rejected() {
         "bias"
     );
 }
+
+/// Regression (independent review): zero strides make a K/V view of any length legal;
+/// seq_kv past the documented bound (2^32 - 1) is an error, not a wrapped size (which
+/// once aborted the process on an allocation of 2^58 bytes) or an endless loop.
+#[test]
+fn seq_kv_past_the_bound_is_an_error() {
+    let (q, kv) = (vec![0.5f32; 4], vec![0.25f32; 4]);
+    for skv in [usize::MAX, 1 << 62, (u32::MAX as usize) + 1] {
+        for be in common::backends() {
+            let mut o = vec![0.0f32; 4];
+            let kt = Tensor::from_strides(&kv, [1, skv, 1, 4], [0, 0, 0, 1]).unwrap();
+            let res = catch_unwind(AssertUnwindSafe(|| {
+                Attention::new().backend(be).forward(
+                    Tensor::bshd(&q, [1, 1, 1, 4]).unwrap(),
+                    kt,
+                    kt,
+                    &mut TensorMut::bshd(&mut o, [1, 1, 1, 4]).unwrap(),
+                )
+            }));
+            let e = res.expect("panicked").unwrap_err();
+            assert!(
+                matches!(e, Error::Shape { arg: "k", .. }),
+                "{skv} {be}: {e:?}"
+            );
+            let attn = Attention::new();
+            let e = reference::attention(&attn, Tensor::bshd(&q, [1, 1, 1, 4]).unwrap(), kt, kt)
+                .unwrap_err();
+            assert!(
+                matches!(e, Error::Shape { arg: "k", .. }),
+                "reference {skv}: {e:?}"
+            );
+        }
+    }
+}

@@ -496,3 +496,38 @@ fn prefill_slabs_under_partial_masks() {
         }
     }
 }
+
+/// Regression (independent review): ALiBi distances past position 2^24 must be exact
+/// integers, not the difference of two positions rounded to f32.
+#[test]
+fn alibi_far_past_2_pow_24() {
+    use flashcpu::{Attention, Tensor, TensorMut};
+    let skv = (1usize << 24) + 101;
+    let one = [0.5f32];
+    let slopes = [1.0f32];
+    // q·k = 0.25 for every key, distance d = 0..=8 in the window: lse = ln Σ e^(0.25 - d).
+    let want: f64 = (0..=8).map(|d| (0.25 - d as f64).exp()).sum::<f64>().ln();
+    for be in common::backends() {
+        let (mut o, mut lse) = ([0.0f32], [0.0f32]);
+        let kv = Tensor::from_strides(&one, [1, skv, 1, 1], [0, 0, 0, 1]).unwrap();
+        Attention::new()
+            .backend(be)
+            .causal()
+            .window(8, 0)
+            .alibi(&slopes)
+            .forward_with_lse(
+                Tensor::bshd(&one, [1, 1, 1, 1]).unwrap(),
+                kv,
+                kv,
+                &mut TensorMut::bshd(&mut o, [1, 1, 1, 1]).unwrap(),
+                &mut lse,
+            )
+            .unwrap();
+        assert!(
+            (lse[0] as f64 - want).abs() < 1e-5,
+            "{be}: lse {} want {want}",
+            lse[0]
+        );
+        assert!((o[0] - 0.5).abs() < 1e-6, "{be}: o {}", o[0]);
+    }
+}

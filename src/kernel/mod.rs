@@ -669,7 +669,11 @@ fn run_item<
     // V̂ tiles: column blocks for transposed PV, rows of `vrow` floats for row-major PV.
     let vc_tile = if o_rows { BC * vrow } else { BC * dvp };
     let all_tiles = d.skv.div_ceil(BC);
-    let cache = nh == 1 && all_tiles * (kc_tile + vc_tile) <= PANEL_CACHE_FLOATS;
+    // (Checked: a zero-stride K/V view may have any number of keys.)
+    let cache = nh == 1
+        && all_tiles
+            .checked_mul(kc_tile + vc_tile)
+            .is_some_and(|f| f <= PANEL_CACHE_FLOATS);
     if cache {
         ensure(&mut sc.kc, all_tiles * kc_tile);
         ensure(&mut sc.vc, all_tiles * vc_tile);
@@ -682,6 +686,8 @@ fn run_item<
         }
     }
 
+    // Positions of ALiBi rows are kept relative to the item's first (smallest) one.
+    let pbase = ctx.mask.pos(row_of(it.g0, 0).0);
     for hi in 0..nh {
         let g = it.g0 + hi;
         // Pack Qᵀ: d-major, rs rows per d, zero rows past `nr`.
@@ -719,7 +725,9 @@ fn run_item<
             for r in 0..nr {
                 let (i, h) = row_of(g, r);
                 sl[r] = slopes[h];
-                ps[r] = ctx.mask.pos(i) as f32;
+                // Relative to the item's first row, so exact in f32 (a tile spans a
+                // few hundred positions; absolute positions lose integers past 2^24).
+                ps[r] = (ctx.mask.pos(i) - pbase) as f32;
             }
         }
         let mut sm = OnlineSoftmax::<S> {
@@ -992,7 +1000,8 @@ fn run_item<
 
             let rows = |r: usize| row_of(g, r);
             if ctx.modified {
-                apply_modifiers(simd, ctx, it.b, sc, hi, ju, n, nr, nvec, rs, &rows);
+                let tile = (ju, n, pbase);
+                apply_modifiers(simd, ctx, it.b, sc, hi, tile, nr, nvec, rs, &rows);
             }
             if class == TileClass::Partial {
                 let st = floats_mut::<S>(&mut sc.st);
@@ -1382,8 +1391,7 @@ fn apply_modifiers<S: Simd, Q, KV, O>(
     b: usize,
     sc: &mut Scratch<S>,
     hb: usize,
-    j0: usize,
-    n: usize,
+    (j0, n, pbase): (usize, usize, i64),
     nr: usize,
     nvec: usize,
     br: usize,
@@ -1398,7 +1406,9 @@ fn apply_modifiers<S: Simd, Q, KV, O>(
     let (lo, hi) = (simd.splat_f32s(-f32::MAX), simd.splat_f32s(f32::MAX));
     for j in 0..n {
         let row = &mut sc.st[j * brv..j * brv + nvec];
-        let jf = simd.splat_f32s((j0 + j) as f32);
+        // Key position relative to the rows' base (`posf`): |p - j| is then exact up to
+        // distances of 2^24, and rounds like f32(|p - j|) beyond.
+        let jf = simd.splat_f32s(((j0 + j) as i64 - pbase) as f32);
         for (v, x) in row.iter_mut().enumerate() {
             let mut s = simd.min_f32s(simd.max_f32s(simd.mul_f32s(*x, scale), lo), hi);
             if let Some(cap) = p.softcap {
