@@ -14,7 +14,9 @@ use crate::tensor::Tensor;
 pub struct Reference {
     /// `[batch, seq_q, heads_q, d_v]`, contiguous.
     pub out: Vec<f64>,
-    /// `[batch, heads_q, seq_q]`, contiguous; `-inf` for a row with no visible key.
+    /// `[batch, heads_q, seq_q]`, contiguous; `-inf` for a row with no visible key, NaN
+    /// (with a NaN output row) for a row that sees a NaN score (NaN in q or in a visible
+    /// key of k).
     pub lse: Vec<f64>,
     /// `[batch, seq_q, heads_q, d_v]`.
     pub shape: [usize; 4],
@@ -91,6 +93,7 @@ pub fn attention<Q: Element, KV: Element>(
                 let qr = q.row(b, i, h);
                 let pos = i as f64 + d.skv as f64 - d.sq as f64;
                 let mut m = f64::NEG_INFINITY;
+                let mut nan = false;
                 for (j, sj) in s.iter_mut().enumerate() {
                     let kr = k.row(b, j, g);
                     let dot: f64 = qr
@@ -113,9 +116,16 @@ pub fn attention<Q: Element, KV: Element>(
                         x = f64::NEG_INFINITY;
                     }
                     *sj = x;
+                    nan |= x.is_nan();
                     m = m.max(x);
                 }
                 let o = &mut out[((b * d.sq + i) * d.hq + h) * d.dv..][..d.dv];
+                if nan {
+                    // A NaN score (NaN in q or in a visible key of k): the row is NaN.
+                    o.fill(f64::NAN);
+                    lse[(b * d.hq + h) * d.sq + i] = f64::NAN;
+                    continue;
+                }
                 if m == f64::NEG_INFINITY {
                     continue; // no visible key: o = 0, lse = -inf
                 }

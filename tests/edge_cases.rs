@@ -531,3 +531,93 @@ fn alibi_far_past_2_pow_24() {
         assert!((o[0] - 0.5).abs() < 1e-6, "{be}: o {}", o[0]);
     }
 }
+
+/// Regression (independent review): a NaN in Q, or in a key of K that a row sees, makes
+/// that row's output and LSE NaN on every backend, thread count and path (prefill,
+/// multi-head split decode, with and without modifiers), as in the reference; rows that
+/// do not see it are unaffected.
+#[test]
+fn nan_in_q_or_visible_k_gives_nan_rows() {
+    use flashcpu::{Attention, Tensor, TensorMut, reference};
+    // (sq, skv, hq, hkv, d, causal), then the NaN: in Q at (i, h), or in K at (j, g).
+    type Shape = (usize, usize, usize, usize, usize, bool);
+    let cases: &[(Shape, bool, (usize, usize))] = &[
+        ((5, 70, 4, 2, 16, true), true, (2, 1)),
+        ((5, 70, 4, 2, 16, true), false, (10, 0)),
+        ((70, 70, 4, 2, 16, true), false, (40, 0)),
+        ((200, 200, 2, 1, 64, true), false, (100, 0)),
+        ((1, 3000, 8, 2, 32, false), false, (1500, 1)),
+        ((1, 3000, 8, 2, 32, false), true, (0, 5)),
+    ];
+    for &((sq, skv, hq, hkv, d, causal), in_q, (x, y)) in cases {
+        for modified in [false, true] {
+            let mut q: Vec<f32> = (0..sq * hq * d)
+                .map(|i| ((i % 13) as f32 - 6.0) * 0.05)
+                .collect();
+            let mut k: Vec<f32> = (0..skv * hkv * d)
+                .map(|i| ((i % 7) as f32 - 3.0) * 0.07)
+                .collect();
+            let v: Vec<f32> = (0..skv * hkv * d)
+                .map(|i| ((i % 11) as f32 - 5.0) * 0.1)
+                .collect();
+            if in_q {
+                q[(x * hq + y) * d + 3] = f32::NAN;
+            } else {
+                k[(x * hkv + y) * d + 3] = f32::NAN;
+            }
+            let slopes = vec![0.25f32; hq];
+            let mut attn = Attention::new();
+            if causal {
+                attn = attn.causal();
+            }
+            if modified {
+                attn = attn.softcap(20.0).alibi(&slopes);
+            }
+            let qt = Tensor::bshd(&q, [1, sq, hq, d]).unwrap();
+            let kt = Tensor::bshd(&k, [1, skv, hkv, d]).unwrap();
+            let vt = Tensor::bshd(&v, [1, skv, hkv, d]).unwrap();
+            let want = reference::attention(&attn, qt, kt, vt).unwrap();
+            let mut nan_rows = 0;
+            for be in common::backends() {
+                for threads in [1usize, 0] {
+                    let mut o = vec![0.0f32; sq * hq * d];
+                    let mut lse = vec![0.0f32; hq * sq];
+                    attn.backend(be)
+                        .threads(threads)
+                        .forward_with_lse(
+                            qt,
+                            kt,
+                            vt,
+                            &mut TensorMut::bshd(&mut o, [1, sq, hq, d]).unwrap(),
+                            &mut lse,
+                        )
+                        .unwrap();
+                    nan_rows = 0;
+                    for i in 0..sq {
+                        for h in 0..hq {
+                            let w_nan = want.lse_at(0, h, i).is_nan();
+                            nan_rows += w_nan as usize;
+                            let row = &o[(i * hq + h) * d..][..d];
+                            let ctx = format!(
+                                "{be} t{threads} mod {modified} case {sq} {skv} {in_q} row ({i},{h})"
+                            );
+                            assert_eq!(lse[h * sq + i].is_nan(), w_nan, "lse {ctx}");
+                            if w_nan {
+                                assert!(row.iter().all(|x| x.is_nan()), "out {ctx}");
+                            } else {
+                                for (c, &x) in row.iter().enumerate() {
+                                    let r = want.out_at(0, i, h, c);
+                                    assert!(
+                                        (x as f64 - r).abs() < 1e-4,
+                                        "out {ctx} c{c}: {x} vs {r}"
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            assert!(nan_rows > 0, "the NaN must reach some row");
+        }
+    }
+}

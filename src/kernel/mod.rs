@@ -1300,7 +1300,14 @@ fn finish_row<Q, KV, O: Element>(
 ) {
     let d = &ctx.dims;
     let lse_idx = (b * d.hq + h) * d.sq + i;
-    if m == f64::NEG_INFINITY || l <= 0.0 || l.is_nan() {
+    if m.is_nan() || l.is_nan() {
+        // A NaN score (NaN in Q or in a visible key of K): the row is NaN.
+        out.fill(f32::NAN);
+        ctx.sink.write_row(b, i, h, out);
+        ctx.sink.write_lse(lse_idx, f32::NAN);
+        return;
+    }
+    if m == f64::NEG_INFINITY || l <= 0.0 {
         out.fill(0.0);
         ctx.sink.write_row(b, i, h, out);
         ctx.sink.write_lse(lse_idx, f32::NEG_INFINITY);
@@ -1356,10 +1363,17 @@ pub(crate) unsafe fn merge_group<Q, KV, O: Element>(ctx: &Ctx<'_, Q, KV, O>, gro
             let g = it.g0 + hi;
             let (i, h) = ((r0 + r) / groupsz, g * groupsz + (r0 + r) % groupsz);
             let m_at = |p: &[f32]| p[base + br * dv + r] as f64;
+            // NaN (a split met a NaN score) wins, so that the row's output is NaN.
             let mx = parts
                 .iter()
                 .map(|p| m_at(p))
-                .fold(f64::NEG_INFINITY, f64::max);
+                .fold(f64::NEG_INFINITY, |a, b| {
+                    if a.is_nan() || b.is_nan() {
+                        f64::NAN
+                    } else {
+                        a.max(b)
+                    }
+                });
             acc.fill(0.0);
             let mut l = 0.0f64;
             if mx != f64::NEG_INFINITY {
@@ -1410,7 +1424,8 @@ fn apply_modifiers<S: Simd, Q, KV, O>(
         // distances of 2^24, and rounds like f32(|p - j|) beyond.
         let jf = simd.splat_f32s(((j0 + j) as i64 - pbase) as f32);
         for (v, x) in row.iter_mut().enumerate() {
-            let mut s = simd.min_f32s(simd.max_f32s(simd.mul_f32s(*x, scale), lo), hi);
+            let raw = *x;
+            let mut s = simd.min_f32s(simd.max_f32s(simd.mul_f32s(raw, scale), lo), hi);
             if let Some(cap) = p.softcap {
                 let capv = simd.splat_f32s(cap);
                 s = simd.mul_f32s(capv, math::tanh(simd, simd.div_f32s(s, capv)));
@@ -1420,7 +1435,8 @@ fn apply_modifiers<S: Simd, Q, KV, O>(
                 s = simd.sub_f32s(s, simd.mul_f32s(sc.slope[hb * brv + v], dist));
                 s = simd.min_f32s(s, hi);
             }
-            *x = s;
+            // The clamps drop NaN (a NaN from Q or K): keep it, for the softmax to see.
+            *x = simd.select_f32s(simd.equal_f32s(raw, raw), s, raw);
         }
     }
     if let Some(bias) = &p.bias {
@@ -1429,7 +1445,9 @@ fn apply_modifiers<S: Simd, Q, KV, O>(
             let (i, h) = row_of(r);
             let brow = &bias.row(b, h, i)[j0..j0 + n];
             for (j, &bj) in brow.iter().enumerate() {
-                st[j * br + r] = (st[j * br + r] + bj).min(f32::MAX);
+                // Saturate +inf at f32::MAX; NaN stays NaN (`min` would drop it).
+                let y = st[j * br + r] + bj;
+                st[j * br + r] = if y > f32::MAX { f32::MAX } else { y };
             }
         }
     }

@@ -72,10 +72,21 @@ impl<S: Simd> OnlineSoftmax<'_, S> {
             let w = (nv - v0).min(G);
             let mut mx = [ninf; G];
             mx[..w].copy_from_slice(&self.m[v0..v0 + w]);
+            // SIMD max drops NaN (and which operand it keeps differs by backend), so the
+            // scores are also checked for NaN (from Q or K): such a row keeps m = NaN,
+            // which makes its output NaN.
+            let mut ok = [simd.equal_f32s(zero, zero); G];
             for row in st.chunks(stride).take(n) {
-                for (m, x) in mx.iter_mut().zip(&row[v0..v0 + w]) {
+                for ((m, k), x) in mx.iter_mut().zip(&mut ok).zip(&row[v0..v0 + w]) {
                     *m = simd.max_f32s(*m, *x);
+                    *k = simd.and_m32s(*k, simd.equal_f32s(*x, *x));
                 }
+            }
+            let nan = simd.splat_f32s(f32::NAN);
+            for u in 0..w {
+                let old = self.m[v0 + u];
+                let ok = simd.and_m32s(ok[u], simd.equal_f32s(old, old));
+                mx[u] = simd.select_f32s(ok, mx[u], nan);
             }
             let mut m_use = [zero; G];
             for u in 0..w {
