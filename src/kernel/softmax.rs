@@ -8,7 +8,9 @@
 //! max keep full precision even at ±1e4.
 //!
 //! Invariants: a row whose max is still `-inf` (nothing visible yet) uses 0 as its max,
-//! so `-inf - -inf` never makes NaN; its `p` are exactly 0 and its `l` stays 0.
+//! so `-inf - -inf` never makes NaN; its `p` are exactly 0 and its `l` stays 0. A row
+//! that meets a NaN score (NaN in Q, or in a key of K it sees) keeps `m = NaN` for the
+//! rest of the call, and the driver writes its output as NaN.
 
 use super::math::exp2;
 use pulp::Simd;
