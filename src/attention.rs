@@ -275,6 +275,21 @@ impl<'a> Attention<'a> {
                     format!("slope {i} is {}, must be finite", a[i]),
                 ));
             }
+            // Scores are f32: slope·distance must stay well inside its range (a product
+            // past f32::MAX would turn a visible key into a masked one).
+            let reach = dims.sq as f64 + dims.skv as f64;
+            if let Some(i) = a
+                .iter()
+                .position(|x| (*x as f64).abs() * reach > f32::MAX as f64 / 2.0)
+            {
+                return Err(Error::param(
+                    "alibi",
+                    format!(
+                        "slope {i} is {}: |slope|·(seq_q + seq_kv) must be at most f32::MAX / 2",
+                        a[i]
+                    ),
+                ));
+            }
         }
         if let Some(s) = self.sinks {
             if s.len() != dims.hq {

@@ -178,6 +178,7 @@ fn invalid_inputs_are_errors_naming_the_argument() {
         ("alibi too long", "alibi", "one slope per query head", Box::new(|| ok_call(a().alibi(&[0.5; HQ + 1])))),
         ("alibi NaN slope", "alibi", "must be finite", Box::new(|| ok_call(a().alibi(&[0.5, 0.5, f32::NAN, 0.5])))),
         ("alibi inf slope", "alibi", "must be finite", Box::new(|| ok_call(a().alibi(&[f32::NEG_INFINITY, 0.5, 0.5, 0.5])))),
+        ("alibi slope past f32 with the distance", "alibi", "f32::MAX / 2", Box::new(|| ok_call(a().alibi(&[0.5, 1e38, 0.5, 0.5])))),
         ("sinks too short", "sinks", "one logit per query head", Box::new(|| ok_call(a().sinks(&[0.0; HQ - 1])))),
         ("sinks empty", "sinks", "one logit per query head", Box::new(|| ok_call(a().sinks(&[])))),
         ("sinks NaN", "sinks", "finite or -inf", Box::new(|| ok_call(a().sinks(&[0.0, f32::NAN, 0.0, 0.0])))),

@@ -621,3 +621,37 @@ fn nan_in_q_or_visible_k_gives_nan_rows() {
         }
     }
 }
+
+/// Regression (independent review): dot products past f32's range (finite inputs of
+/// ~1e20) cannot give a meaningful f32 result; the row is NaN (loud), not a uniform
+/// average with lse = +inf (silently wrong). The softcap path stays finite and correct.
+#[test]
+fn dot_products_past_f32_make_the_row_nan() {
+    use flashcpu::{Attention, Tensor, TensorMut};
+    let (skv, d) = (6usize, 1usize);
+    let q = [1e20f32];
+    let k: Vec<f32> = (0..skv).map(|j| 1e20 * (1.0 + j as f32 / 10.0)).collect();
+    let v: Vec<f32> = (0..skv).map(|j| j as f32).collect();
+    for be in common::backends() {
+        for cap in [None, Some(10.0f32)] {
+            let (mut o, mut lse) = ([0.0f32], [0.0f32]);
+            let mut a = Attention::new().backend(be).scale(1.0);
+            if let Some(c) = cap {
+                a = a.softcap(c);
+            }
+            a.forward_with_lse(
+                Tensor::bshd(&q, [1, 1, 1, d]).unwrap(),
+                Tensor::bshd(&k, [1, skv, 1, d]).unwrap(),
+                Tensor::bshd(&v, [1, skv, 1, d]).unwrap(),
+                &mut TensorMut::bshd(&mut o, [1, 1, 1, d]).unwrap(),
+                &mut lse,
+            )
+            .unwrap();
+            match cap {
+                None => assert!(o[0].is_nan() && lse[0].is_nan(), "{be}: {o:?} {lse:?}"),
+                // Every key's capped logit is 10 (tanh saturates): the mean of v.
+                Some(_) => assert!((o[0] - 2.5).abs() < 1e-5, "{be}: {o:?}"),
+            }
+        }
+    }
+}

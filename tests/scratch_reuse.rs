@@ -23,7 +23,7 @@ fn poison(be: Backend) {
         let v = vec![f32::NAN; b * skv * hkv * dv];
         let mut o = vec![0.0f32; b * sq * hq * dv];
         let mut lse = vec![0.0f32; b * hq * sq];
-        let slopes = vec![f32::MAX; hq];
+        let slopes = vec![1e30f32; hq]; // large, within |slope|·(sq + skv) ≤ f32::MAX / 2
         for threads in [1usize, 0] {
             let mut ov = TensorMut::bshd(&mut o, [b, sq, hq, dv]).unwrap();
             Attention::new()

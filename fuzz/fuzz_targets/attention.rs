@@ -447,10 +447,14 @@ impl Case {
         let pos_finite = |x: f32| x.is_finite() && x > 0.0;
         self.scale.is_none_or(pos_finite)
             && self.softcap.is_none_or(pos_finite)
-            && self
-                .alibi
-                .as_ref()
-                .is_none_or(|a| a.len() == hq && a.iter().all(|x| x.is_finite()))
+            && self.alibi.as_ref().is_none_or(|a| {
+                // Finite, and |slope|·(seq_q + seq_kv) ≤ f32::MAX / 2 (README).
+                let reach = sq as f64 + skv as f64;
+                a.len() == hq
+                    && a.iter().all(|x| {
+                        x.is_finite() && (*x as f64).abs() * reach <= f32::MAX as f64 / 2.0
+                    })
+            })
             && self.sinks.as_ref().is_none_or(|s| {
                 s.len() == hq && s.iter().all(|&x| !x.is_nan() && x != f32::INFINITY)
             })

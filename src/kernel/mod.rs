@@ -1300,8 +1300,9 @@ fn finish_row<Q, KV, O: Element>(
 ) {
     let d = &ctx.dims;
     let lse_idx = (b * d.hq + h) * d.sq + i;
-    if m.is_nan() || l.is_nan() {
-        // A NaN score (NaN in Q or in a visible key of K): the row is NaN.
+    if m.is_nan() || l.is_nan() || m == f64::INFINITY {
+        // A NaN score (NaN in Q or in a visible key of K), or a dot product past f32's
+        // range (+inf; the f32 result would be meaningless): the row is NaN.
         out.fill(f32::NAN);
         ctx.sink.write_row(b, i, h, out);
         ctx.sink.write_lse(lse_idx, f32::NAN);
