@@ -134,24 +134,11 @@ impl<O: Element> Sink<O> {
     /// Asks for output row `(b, i, h)` in cache, for writing (x86-64 only).
     #[inline(always)]
     fn prefetch_row(&self, b: usize, i: usize, h: usize) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let off = b * self.strides[0] + i * self.strides[1] + h * self.strides[2];
-            if off + self.dv <= self.out_len {
-                let p = self.out.wrapping_add(off) as *const i8;
-                for at in (0..self.dv * core::mem::size_of::<O>()).step_by(64) {
-                    // SAFETY: a prefetch is a hint that never faults; the address is in
-                    // the output row (checked above).
-                    unsafe {
-                        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_ET0 }>(
-                            p.wrapping_add(at),
-                        )
-                    };
-                }
-            }
+        let off = b * self.strides[0] + i * self.strides[1] + h * self.strides[2];
+        if off + self.dv <= self.out_len {
+            let bytes = self.dv * core::mem::size_of::<O>();
+            prefetch_lines(self.out.wrapping_add(off) as *const u8, bytes, true);
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = (b, i, h);
     }
 
     #[inline]
@@ -1203,20 +1190,32 @@ fn run_item<
 /// elsewhere).
 #[inline(always)]
 fn prefetch<T>(row: &[T]) {
+    prefetch_lines(
+        row.as_ptr() as *const u8,
+        core::mem::size_of_val(row),
+        false,
+    );
+}
+
+/// Prefetches the lines of `bytes` bytes from `p`: into L2 to be read, or into L1 to be
+/// written (`write`). A hint that never faults; a no-op off x86-64.
+#[inline(always)]
+fn prefetch_lines(p: *const u8, bytes: usize, write: bool) {
     #[cfg(target_arch = "x86_64")]
-    {
-        let p = row.as_ptr() as *const i8;
-        for off in (0..core::mem::size_of_val(row)).step_by(64) {
-            // SAFETY: a prefetch is a hint that never faults; the address is in `row`.
-            unsafe {
-                core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T1 }>(
-                    p.wrapping_add(off),
-                )
-            };
-        }
+    for off in (0..bytes).step_by(64) {
+        use core::arch::x86_64::{_MM_HINT_ET0, _MM_HINT_T1, _mm_prefetch};
+        let at = p.wrapping_add(off) as *const i8;
+        // SAFETY: a prefetch is a hint that never faults, whatever the address.
+        unsafe {
+            if write {
+                _mm_prefetch::<_MM_HINT_ET0>(at)
+            } else {
+                _mm_prefetch::<_MM_HINT_T1>(at)
+            }
+        };
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = row;
+    let _ = (p, bytes, write);
 }
 
 /// `dst = src` (equal lengths), by whole vectors and then floats, inlined.
