@@ -29,10 +29,33 @@ pub(crate) const EXP2_MIN: f32 = -125.0;
 #[cfg(test)]
 pub(crate) const EXP2_REL_ERR: f64 = 2.0e-7;
 
-/// `2^x` lane-wise. `-inf` and every `x < -125` give exactly `+0`; `x` is clamped to 127
-/// above (callers only pass `x <= 0`). NaN lanes stay NaN.
+/// `2^x` lane-wise for `x <= 127` (callers pass `x <= 26`). `-inf` and every `x < -125`
+/// give exactly `+0`. Every backend gives the same bits; NaN lanes give NaN on AVX-512
+/// and an unspecified value elsewhere (the softmax checks its scores for NaN itself).
 #[inline(always)]
 pub(crate) fn exp2<S: Simd>(simd: S, x: S::f32s) -> S::f32s {
+    // AVX-512 has the exponent scaling as one instruction: 11 µops instead of 15, with
+    // the same bits for every x ≤ 127 (the softmax's exp is ~10 % of d 64 prefill).
+    #[cfg(target_arch = "x86_64")]
+    if let Some(&v4) = (&simd as &dyn core::any::Any).downcast_ref::<pulp::x86::V4>() {
+        return bytemuck::cast(exp2_v4(v4, bytemuck::cast(x)));
+    }
+    exp2_generic(simd, x)
+}
+
+/// Whether [`exp2`] gives NaN for NaN lanes on this backend (AVX-512 only).
+#[inline(always)]
+pub(crate) fn exp2_keeps_nan<S: Simd>() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    let v4 = core::any::TypeId::of::<pulp::x86::V4>();
+    #[cfg(not(target_arch = "x86_64"))]
+    let v4 = core::any::TypeId::of::<()>();
+    core::any::TypeId::of::<S>() == v4
+}
+
+/// [`exp2`] from portable operations: the exponent is added to the polynomial's bits.
+#[inline(always)]
+fn exp2_generic<S: Simd>(simd: S, x: S::f32s) -> S::f32s {
     // Round to nearest with the 1.5·2^23 trick: adding it leaves round(x) in the low
     // mantissa bits, and subtracting it back gives round(x) as a float.
     let magic = simd.splat_f32s(12_582_912.0);
@@ -43,14 +66,7 @@ pub(crate) fn exp2<S: Simd>(simd: S, x: S::f32s) -> S::f32s {
     let t = simd.add_f32s(xc, magic);
     let n = simd.sub_f32s(t, magic);
     let f = simd.sub_f32s(xc, n); // exact, in [-0.5, 0.5]
-    let c = EXP2_POLY;
-    let mut p = simd.splat_f32s(c[5]);
-    p = simd.mul_add_e_f32s(p, f, simd.splat_f32s(c[4]));
-    p = simd.mul_add_e_f32s(p, f, simd.splat_f32s(c[3]));
-    p = simd.mul_add_e_f32s(p, f, simd.splat_f32s(c[2]));
-    p = simd.mul_add_e_f32s(p, f, simd.splat_f32s(c[1]));
-    p = simd.mul_add_e_f32s(p, f, simd.splat_f32s(c[0]));
-    p = simd.mul_add_e_f32s(p, f, simd.splat_f32s(1.0));
+    let p = exp2_poly(simd, f);
     // The low bits of `t` hold round(x) (two's complement, offset by the magic number's
     // own mantissa, whose low 9 bits are 0), so `t << 23` is round(x) in the exponent
     // field: adding it to p's bits multiplies p by 2^round(x).
@@ -59,6 +75,44 @@ pub(crate) fn exp2<S: Simd>(simd: S, x: S::f32s) -> S::f32s {
     let r = simd.transmute_f32s_u32s(simd.add_u32s(simd.transmute_u32s_f32s(p), scale));
     let tiny = simd.less_than_f32s(x, simd.splat_f32s(EXP2_MIN));
     simd.select_f32s(tiny, simd.splat_f32s(0.0), r)
+}
+
+/// `Σ c[k]·x^k` by Horner's rule (`c` from the constant term up).
+#[inline(always)]
+fn horner<S: Simd>(simd: S, x: S::f32s, c: &[f32]) -> S::f32s {
+    let (&top, rest) = c.split_last().expect("a polynomial has a coefficient");
+    rest.iter().rev().fold(simd.splat_f32s(top), |p, &ck| {
+        simd.mul_add_e_f32s(p, x, simd.splat_f32s(ck))
+    })
+}
+
+/// 2^f for f ∈ [-0.5, 0.5]: 1 + f·P(f) with [`EXP2_POLY`].
+#[inline(always)]
+fn exp2_poly<S: Simd>(simd: S, f: S::f32s) -> S::f32s {
+    let p = horner(simd, f, &EXP2_POLY);
+    simd.mul_add_e_f32s(p, f, simd.splat_f32s(1.0))
+}
+
+/// [`exp2`] on AVX-512: round to nearest with the 1.5·2^23 trick (no clamp needed: `x`
+/// is only rounded and subtracted, never moved into an exponent field), the same
+/// polynomial, then `vscalefps` for p·2^n, zeroed where `x < EXP2_MIN` (so -inf, whose
+/// `f` is NaN, gives 0). NaN lanes stay NaN (the compare is unordered-true).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn exp2_v4(simd: pulp::x86::V4, x: pulp::f32x16) -> pulp::f32x16 {
+    use core::arch::x86_64::{__m512, _CMP_NLT_UQ};
+    let magic = simd.splat_f32s(12_582_912.0);
+    let t = simd.add_f32s(x, magic);
+    let n = simd.sub_f32s(t, magic);
+    let f = simd.sub_f32s(x, n);
+    let p = exp2_poly(simd, f);
+    let m: __m512 = bytemuck::cast(simd.splat_f32s(EXP2_MIN));
+    let xv: __m512 = bytemuck::cast(x);
+    let keep = simd.avx512f._mm512_cmp_ps_mask::<_CMP_NLT_UQ>(xv, m);
+    let r = simd
+        .avx512f
+        ._mm512_maskz_scalef_ps(keep, bytemuck::cast(p), bytemuck::cast(n));
+    bytemuck::cast(r)
 }
 
 /// tanh(y) for |y| < 0.625 as y + y³·P(y²), degree 5 in y², relative error ≤ 8e-8 in f32.
@@ -87,12 +141,7 @@ pub(crate) fn tanh<S: Simd>(simd: S, y: S::f32s) -> S::f32s {
     );
     // Small branch.
     let z = simd.mul_f32s(a, a);
-    let c = TANH_POLY;
-    let mut p = simd.splat_f32s(c[4]);
-    p = simd.mul_add_e_f32s(p, z, simd.splat_f32s(c[3]));
-    p = simd.mul_add_e_f32s(p, z, simd.splat_f32s(c[2]));
-    p = simd.mul_add_e_f32s(p, z, simd.splat_f32s(c[1]));
-    p = simd.mul_add_e_f32s(p, z, simd.splat_f32s(c[0]));
+    let p = horner(simd, z, &TANH_POLY);
     let small = simd.mul_add_e_f32s(simd.mul_f32s(p, z), a, a);
     let is_small = simd.less_than_f32s(a, simd.splat_f32s(0.625));
     let r = simd.select_f32s(is_small, small, big);
@@ -158,6 +207,26 @@ mod tests {
             )
             .unwrap();
             assert!(worst <= EXP2_REL_ERR, "{b}: exp2 relative error {worst:e}");
+        }
+    }
+
+    /// The AVX-512 path (`vscalefps`) gives the generic path's bits on the whole domain.
+    #[test]
+    fn exp2_avx512_matches_generic_bits() {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(simd) = pulp::x86::V4::try_new() {
+            let mut xs = sweep(-140.0, 127.0, 600_000);
+            xs.extend([f32::NEG_INFINITY, -1e30, -125.0, -0.0, 0.5, -0.5, 126.5]);
+            for chunk in xs.chunks_exact(16) {
+                let x: pulp::f32x16 = bytemuck::pod_read_unaligned(bytemuck::cast_slice(chunk));
+                let (a, b): ([u32; 16], [u32; 16]) = (
+                    bytemuck::cast(exp2(simd, x)),
+                    bytemuck::cast(exp2_generic(simd, x)),
+                );
+                assert_eq!(a, b, "exp2 at {chunk:?}");
+            }
+            let nan: [f32; 16] = bytemuck::cast(exp2(simd, simd.splat_f32s(f32::NAN)));
+            assert!(nan.iter().all(|x| x.is_nan()));
         }
     }
 

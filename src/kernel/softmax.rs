@@ -12,7 +12,7 @@
 //! that meets a NaN score (NaN in Q, or in a key of K it sees) keeps `m = NaN` for the
 //! rest of the call, and the driver writes its output as NaN.
 
-use super::math::exp2;
+use super::math::{exp2, exp2_keeps_nan};
 use pulp::Simd;
 
 /// Row vectors per pass over the scores.
@@ -50,6 +50,9 @@ impl<S: Simd> OnlineSoftmax<'_, S> {
         p: &mut [S::f32s],
         p_keys: usize,
     ) {
+        // exp2 keeps NaN on AVX-512 (see math::exp2), so a NaN score or a NaN m makes
+        // the row's sum NaN: no per-score check is needed there.
+        let nan_exp = exp2_keeps_nan::<S>();
         let ninf = simd.splat_f32s(f32::NEG_INFINITY);
         let zero = simd.splat_f32s(0.0);
         // The exponent is (x - m)·c·log2 e. With c·log2 e finite that is one multiply;
@@ -74,21 +77,26 @@ impl<S: Simd> OnlineSoftmax<'_, S> {
             let w = (nv - v0).min(G);
             let mut mx = [ninf; G];
             mx[..w].copy_from_slice(&self.m[v0..v0 + w]);
-            // SIMD max drops NaN (and which operand it keeps differs by backend), so the
-            // scores are also checked for NaN (from Q or K): such a row keeps m = NaN,
-            // which makes its output NaN.
+            // SIMD max drops NaN (and which operand it keeps differs by backend), so a
+            // NaN score (from Q or K) must be found otherwise: such a row keeps m = NaN,
+            // which makes its output NaN. Where exp2 keeps NaN (AVX-512) the new sum
+            // finds it below; elsewhere the scores are checked here.
             let mut ok = [simd.equal_f32s(zero, zero); G];
             for row in st.chunks(stride).take(n) {
                 for ((m, k), x) in mx.iter_mut().zip(&mut ok).zip(&row[v0..v0 + w]) {
                     *m = simd.max_f32s(*m, *x);
-                    *k = simd.and_m32s(*k, simd.equal_f32s(*x, *x));
+                    if !nan_exp {
+                        *k = simd.and_m32s(*k, simd.equal_f32s(*x, *x));
+                    }
                 }
             }
             let nan = simd.splat_f32s(f32::NAN);
-            for u in 0..w {
-                let old = self.m[v0 + u];
-                let ok = simd.and_m32s(ok[u], simd.equal_f32s(old, old));
-                mx[u] = simd.select_f32s(ok, mx[u], nan);
+            if !nan_exp {
+                for u in 0..w {
+                    let old = self.m[v0 + u];
+                    let ok = simd.and_m32s(ok[u], simd.equal_f32s(old, old));
+                    mx[u] = simd.select_f32s(ok, mx[u], nan);
+                }
             }
             let mut m_use = [zero; G];
             for u in 0..w {
@@ -109,8 +117,15 @@ impl<S: Simd> OnlineSoftmax<'_, S> {
             }
             for u in 0..w {
                 let v = v0 + u;
-                self.l[v] = simd.mul_add_e_f32s(self.l[v], alpha[v], sum[u]);
-                self.m[v] = mx[u];
+                let l = simd.mul_add_e_f32s(self.l[v], alpha[v], sum[u]);
+                self.l[v] = l;
+                // A NaN score, or a NaN m or l from an earlier tile (through α or l),
+                // leaves l NaN: the row's m becomes NaN for good.
+                self.m[v] = if nan_exp {
+                    simd.select_f32s(simd.equal_f32s(l, l), mx[u], nan)
+                } else {
+                    mx[u]
+                };
             }
             v0 += w;
         }
