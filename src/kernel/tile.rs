@@ -69,22 +69,34 @@ pub(crate) unsafe fn bcast_block<S: Simd, const M: usize, const NV: usize, const
     let rows: [*const f32; M] = core::array::from_fn(|i| a.wrapping_add(i * a_row));
     let mut off = 0usize;
     let mut bt = b;
-    for _ in 0..red {
-        let mut x = [zero; NV];
-        for (v, xv) in x.iter_mut().enumerate() {
-            // SAFETY: v < NV at a reduction step t < red: within the caller's `b` extent
-            // (V̂ rows are vector-aligned only in scratch, so read unaligned).
-            *xv = unsafe { bt.add(v).read_unaligned() };
-        }
-        for (i, row) in acc.iter_mut().enumerate() {
-            // SAFETY: i < M at a reduction step t < red: within the caller's `a` extent.
-            let s = simd.splat_f32s(unsafe { *rows[i].add(off) });
-            for (r, xv) in row.iter_mut().zip(&x) {
-                *r = simd.mul_add_e_f32s(s, *xv, *r);
+    // One reduction step (a macro, not a closure: a closure over `acc` kept the
+    // accumulators in memory and ran 10× slower).
+    macro_rules! step {
+        () => {
+            let mut x = [zero; NV];
+            for (v, xv) in x.iter_mut().enumerate() {
+                // SAFETY: v < NV at a reduction step t < red: within the caller's `b`
+                // extent (V̂ rows are vector-aligned only in scratch, so read unaligned).
+                *xv = unsafe { bt.add(v).read_unaligned() };
             }
-        }
-        off += a_red;
-        bt = bt.wrapping_add(b_stride);
+            for (i, row) in acc.iter_mut().enumerate() {
+                // SAFETY: i < M at a reduction step t < red: within the caller's `a` extent.
+                let s = simd.splat_f32s(unsafe { *rows[i].add(off) });
+                for (r, xv) in row.iter_mut().zip(&x) {
+                    *r = simd.mul_add_e_f32s(s, *xv, *r);
+                }
+            }
+            off += a_red;
+            bt = bt.wrapping_add(b_stride);
+        };
+    }
+    // Two steps per iteration: 2–5 % faster on a and d than one (interleaved runs).
+    if red % 2 == 1 {
+        step!();
+    }
+    for _ in 0..red / 2 {
+        step!();
+        step!();
     }
     for (i, row) in acc.iter().enumerate() {
         for (v, r) in row.iter().enumerate() {
