@@ -3,7 +3,7 @@
 //! ```text
 //! item = (batch b, kv head g, tile t of query rows)            // from the shape only
 //! rows of the tile: r = i·group + h' for query i and head g·group + h'  (GQA packing)
-//! pack Qᵀ (d_qk × BR, zero-padded); m = -inf, l = 0, Oᵀ = 0
+//! pack Qᵀ (d_qk × BR in slabs of NVQ row vectors, zero-padded); m = -inf, l = 0, Oᵀ = 0
 //! for each K/V tile [j0, j0+BC) inside the rows' visible key range:
 //!     class = mask.classify(tile)            // Empty → skip, Full → no masking
 //!     K̂, V̂ = the tile's rows                 // single-head items: interleaved panels,
@@ -595,12 +595,16 @@ fn run_item<
     let bcp = bck.next_multiple_of(MK);
     let row_of = |g: usize, r: usize| ((r0 + r) / group, g * group + (r0 + r) % group); // (i, h)
 
-    // Scratch: per head, Qᵀ (dqk × rs), Oᵀ (dvp × rs) or O (rs × dvq) and rsv vectors
+    // Scratch: per head, Qᵀ (dqk × rs, by slabs), Oᵀ (dvp × rs) or O (rs × dvq) and rsv vectors
     // of row state;
     // shared by the heads, S (bcp × rs); K̂ and V̂ per head when several heads share a tile
     // sweep (multi-head items pack every head of a key range in one pass).
     let kv_heads = if nh > 1 { nh } else { 1 };
-    ensure(&mut sc.qt, nh * dqk * rs);
+    // Qᵀ is stored slab by slab (NVQ row vectors × dqk, contiguous): a QK pass then
+    // reads one dense run instead of NVQ vectors of rows `rs` floats apart.
+    let sw = NVQ * lanes;
+    let qt_len = dqk * rsv.div_ceil(NVQ) * sw; // floats per head
+    ensure(&mut sc.qt, nh * qt_len);
     let o_len = if o_rows { rs * dvq } else { dvp * rs }; // floats per head
     ensure(&mut sc.o, nh * o_len);
     for v in [
@@ -677,8 +681,8 @@ fn run_item<
     let pbase = ctx.mask.pos(row_of(it.g0, 0).0);
     for hi in 0..nh {
         let g = it.g0 + hi;
-        // Pack Qᵀ: d-major, rs rows per d, zero rows past `nr`.
-        let qt = &mut floats_mut::<S>(&mut sc.qt)[hi * dqk * rs..][..dqk * rs];
+        // Pack Qᵀ: per slab of `sw` rows, d-major; zero rows past `nr`.
+        let qt = &mut floats_mut::<S>(&mut sc.qt)[hi * qt_len..][..qt_len];
         if nr < rs {
             qt.fill(0.0);
         }
@@ -694,7 +698,15 @@ fn run_item<
                 }
                 Q::load_row(ctx.q.row(it.b, i, h), dst);
             }
-            transpose::transpose(lanes == 16, blk, dqk, nb, dqk, &mut qt[r0..], rs);
+            // Runs of rows within one slab (TB rows may span two when a slab is narrower).
+            let mut r = r0;
+            while r < r0 + nb {
+                let e = (r / sw + 1) * sw;
+                let m = (r0 + nb).min(e) - r;
+                let dst = &mut qt[r / sw * dqk * sw + r % sw..];
+                transpose::transpose(lanes == 16, &blk[(r - r0) * dqk..], dqk, m, dqk, dst, sw);
+                r += m;
+            }
             if dot {
                 let qr = &mut floats_mut::<S>(&mut sc.qr)[hi * nr * dqkp..][..nr * dqkp];
                 for (rr, src) in blk.chunks_exact(dqk).take(nb).enumerate() {
@@ -874,10 +886,10 @@ fn run_item<
             // S = K̂·Qᵀ.
             assert!(cache || k_off + (nkb - kd_blocks) * MK * dqk <= sc.k.len() * lanes);
             assert!(nkb * MK * dqk <= kc_tile);
-            assert!((hi + 1) * dqk * rs <= sc.qt.len() * lanes);
+            assert!((hi + 1) * qt_len <= sc.qt.len() * lanes);
             assert!(nkb * MK * rsv <= sc.st.len() && nvec <= rsv);
             // SAFETY: head hi's Qᵀ block is in bounds (asserted).
-            let qp = unsafe { sc.qt.as_ptr().add(hi * dqk * rsv) };
+            let qp = unsafe { sc.qt.as_ptr().add(hi * qt_len / lanes) };
             let sp = sc.st.as_mut_ptr();
             let kp = sc.k.as_ptr() as *const f32;
             if dot {
@@ -967,16 +979,16 @@ fn run_item<
                         // The cached panels get their own call, with constant strides,
                         // so that its loop addresses the MK keys as one pointer.
                         unsafe {
-                            let q = qp.add(rb);
+                            let q = qp.add(rb / NVQ * dqk * NVQ);
                             let s = sp.add(kb * MK * rsv + rb);
                             let z = core::ptr::null();
                             if cache {
                                 tile::bcast_block_w::<S, MK, NVQ, { tile::SET }>(
-                                    simd, w, k, 1, MK, q, rsv, dqk, s, rsv, z,
+                                    simd, w, k, 1, MK, q, NVQ, dqk, s, rsv, z,
                                 )
                             } else {
                                 tile::bcast_block_w::<S, MK, NVQ, { tile::SET }>(
-                                    simd, w, k, kr, kd_, q, rsv, dqk, s, rsv, z,
+                                    simd, w, k, kr, kd_, q, NVQ, dqk, s, rsv, z,
                                 )
                             }
                         }
