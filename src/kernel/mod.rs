@@ -12,7 +12,8 @@
 //!                                            //   else in place if f32, or packed
 //!     S = K̂·Qᵀ                                // tile::bcast_block, MK keys × NVQ row vectors
 //!     modifiers: scale, softcap, ALiBi, bias  (only when any is set)
-//!     partial mask: -inf outside each row's key range
+//!     partial mask: -inf outside each row's key range (QK blocks and PV reductions
+//!                   that no row of theirs sees are skipped: the causal diagonal)
 //!     P = online_softmax(S) → α               // softmax.rs
 //!     Oᵀ = α·Oᵀ + V̂ᵀ·P                        // tile::bcast_block, MC columns × NVP row vectors
 //!                                            // (one-vector items: O = α·O + P·V̂, row-major)
@@ -812,6 +813,20 @@ fn run_item<
         for hi in 0..nh {
             let g = it.g0 + hi;
             let nkb = n.div_ceil(MK);
+            // Keys [lo, hi) of this tile (relative to ju) that rows ra..rb can see: on a
+            // partial tile (the causal diagonal, a window's edges) QK blocks and PV
+            // reductions outside them are skipped. Rows are position-major and both ends
+            // of a row's range are monotone in its position.
+            let span = |ra: usize, rb: usize| -> (usize, usize) {
+                if class != TileClass::Partial || rb <= ra {
+                    return (0, n);
+                }
+                let (lo, _) = ctx.mask.key_range(ctx.mask.pos(row_of(g, ra).0));
+                let (_, hi) = ctx.mask.key_range(ctx.mask.pos(row_of(g, rb - 1).0));
+                let lo = (lo - ju as i64).clamp(0, n as i64) as usize;
+                let hi = (hi - ju as i64).clamp(lo as i64, n as i64) as usize;
+                (lo, hi)
+            };
             // K: with one head per item, full key blocks are read in place when K is
             // f32 (no copy); the tail block, other types and multi-head items use K̂.
             let mut kd_blocks = 0;
@@ -956,7 +971,18 @@ fn run_item<
                 let mut rb = 0;
                 while rb < nvec {
                     let w = (nvec - rb).min(NVQ);
+                    let (klo, khi) = span(rb * lanes, ((rb + w) * lanes).min(nr));
+                    let (kb_lo, kb_hi) = (klo / MK, khi.div_ceil(MK));
                     for kb in 0..nkb {
+                        if kb < kb_lo || kb >= kb_hi {
+                            // No row of the slab sees these keys: -inf, without the
+                            // dot products (the partial mask below writes the same).
+                            let st = &mut sc.st[kb * MK * rsv..][..MK * rsv];
+                            for row in st.chunks_exact_mut(rsv) {
+                                row[rb..rb + w].fill(simd.splat_f32s(f32::NEG_INFINITY));
+                            }
+                            continue;
+                        }
                         // (first key, key stride, head-dim stride) of the block
                         let (k, kr, kd_) = if cache {
                             // SAFETY: nkb blocks of MK·dqk floats fit a cached tile
@@ -1056,19 +1082,22 @@ fn run_item<
                     // A GQA group of at most 4 rows (decode) would fill half of an
                     // OR-row block with padding: 4 rows × 4 (or 2) column vectors.
                     let nvo = if lanes >= 16 { 4 } else { 2 };
+                    let (klo, khi) = span(0, nr);
                     let mut cb = 0;
                     while cb < dvqv {
                         let w = (dvqv - cb).min(nvo);
                         // SAFETY: as for the OR-row blocks below, with 4 ≤ OR rows.
                         unsafe {
-                            let b = vv.add(cb);
+                            let vs = vstride / lanes;
+                            let a = pp.add(klo * p_key);
+                            let b = vv.add(cb + klo * vs);
                             let o = op.add(cb);
                             let al = alpha.as_ptr();
-                            let vs = vstride / lanes;
+                            let red = khi - klo;
                             // w ≤ nvo: the 4-vector instantiation dispatches narrower
                             // widths (2 on 16-register ISAs) to their own blocks.
                             tile::bcast_block_w::<S, 4, 4, { tile::ACC_ROWS }>(
-                                simd, w, pp, 1, p_key, b, vs, n, o, dvqv, al,
+                                simd, w, a, 1, p_key, b, vs, red, o, dvqv, al,
                             )
                         }
                         cb += w;
@@ -1077,22 +1106,34 @@ fn run_item<
                 }
                 for r0 in (0..nr).step_by(OR) {
                     assert!(r0 + OR <= rs);
+                    // Keys past the block's visible range have p = 0: not reduced over.
+                    let (klo, khi) = span(r0, (r0 + OR).min(nr));
                     let mut cb = 0;
                     while cb < dvqv {
                         let w = (dvqv - cb).min(NVO);
-                        // SAFETY: P of keys j < n and rows r0..r0+OR ≤ rs (asserted; an
+                        // SAFETY: P of keys klo ≤ j < khi ≤ n and rows r0..r0+OR ≤ rs (asserted; an
                         // OR-row block stays within one row vector when interleaved);
                         // V̂ rows j < n, vectors cb..cb+w ≤ dvqv ≤ vrow/lanes (packed in
                         // `sc.v`, asserted above); O rows r0..r0+OR ≤ rs of dvqv vectors
                         // and α floats r0..r0+OR ≤ rs: in this head's blocks.
                         unsafe {
-                            let a = pp.add(p_at(r0));
-                            let b = vv.add(cb);
+                            let vs = vstride / lanes;
+                            let a = pp.add(p_at(r0) + klo * p_key);
+                            let b = vv.add(cb + klo * vs);
                             let o = op.add(r0 * dvqv + cb);
                             let al = alpha.as_ptr().add(r0);
-                            let vs = vstride / lanes;
                             tile::bcast_block_w::<S, OR, NVO, { tile::ACC_ROWS }>(
-                                simd, w, a, 1, p_key, b, vs, n, o, dvqv, al,
+                                simd,
+                                w,
+                                a,
+                                1,
+                                p_key,
+                                b,
+                                vs,
+                                khi - klo,
+                                o,
+                                dvqv,
+                                al,
                             )
                         }
                         cb += w;
@@ -1106,19 +1147,21 @@ fn run_item<
             let mut rb = 0;
             while rb < nvec {
                 let w = (nvec - rb).min(NVP);
+                let (klo, khi) = span(rb * lanes, ((rb + w) * lanes).min(nr));
                 for cb in (0..dvp).step_by(MC) {
-                    // SAFETY: P rows j < n of rs floats (asserted), Oᵀ rows cb..cb+MC ≤ dvp
+                    // SAFETY: P rows klo ≤ j < khi ≤ n of rs floats (asserted), Oᵀ rows cb..cb+MC ≤ dvp
                     // and row vectors rb..rb+w ≤ nvec ≤ rsv of this head's block, α
                     // vectors rb..rb+w < nvec, and V rows j < n, columns cb..cb+MC: in
                     // place those are < dv (dv is a multiple of MC there) within the
                     // asserted extent, packed < dvp within `sc.v` (asserted).
                     unsafe {
-                        let v = vp.add(cb * vcb);
-                        let pr = pp.add(rb);
+                        let v = vp.add(cb * vcb + klo * vstride);
+                        let pr = pp.add(rb + klo * rsv);
                         let o = op.add(cb * rsv + rb);
                         let al = alpha.as_ptr().add(rb * lanes);
+                        let red = khi - klo;
                         tile::bcast_block_w::<S, MC, NVP, { tile::ACC_LANES }>(
-                            simd, w, v, 1, vstride, pr, rsv, n, o, rsv, al,
+                            simd, w, v, 1, vstride, pr, rsv, red, o, rsv, al,
                         )
                     }
                 }
