@@ -841,7 +841,18 @@ fn run_item<
                     let kc = &mut floats_mut::<S>(&mut sc.kc)[tile * kc_tile..][..kc_tile];
                     let vc = &mut floats_mut::<S>(&mut sc.vc)[tile * vc_tile..][..vc_tile];
                     let vr = if o_rows { vrow } else { 0 };
-                    pack_panels::<_, _, _, MK, MC>(ctx, it.b, g, tile, kc, vc, vr, &mut sc.blk);
+                    let blk = &mut sc.blk;
+                    pack_panels::<_, _, _, MK, MC>(
+                        ctx,
+                        it.b,
+                        g,
+                        tile,
+                        kc,
+                        vc,
+                        vr,
+                        blk,
+                        lanes == 16,
+                    );
                     sc.cdone[tile] = true;
                 }
                 // SAFETY: tile < all_tiles, within both caches (`ensure` above).
@@ -1301,7 +1312,8 @@ fn pack_panels<Q, KV: Element, O, const MK: usize, const MC: usize>(
     kc: &mut [f32],
     vc: &mut [f32],
     vrow: usize,
-    row: &mut [f32],
+    blk: &mut [f32],
+    avx512: bool,
 ) {
     let (dqk, dv) = (ctx.dims.dqk, ctx.dims.dv);
     let j0 = tile * BC;
@@ -1322,10 +1334,14 @@ fn pack_panels<Q, KV: Element, O, const MK: usize, const MC: usize>(
             prefetch(ctx.kv.k.row(b, ja, g));
             prefetch(ctx.kv.v.row(b, ja, g));
         }
-        ctx.kv.pack_k(b, g, j0 + jj, 1, row, dqk);
-        let block = &mut kc[jj / MK * MK * dqk..][..MK * dqk];
-        for (x, &y) in block[jj % MK..].iter_mut().step_by(MK).zip(&row[..dqk]) {
-            *x = y;
+        // K rows gather in `kblk`; each block of MK keys is transposed into K̂ at once.
+        let (kblk, row) = blk.split_at_mut(MK * dqk);
+        ctx.kv
+            .pack_k(b, g, j0 + jj, 1, &mut kblk[jj % MK * dqk..], dqk);
+        if jj % MK == MK - 1 || jj + 1 == n {
+            let rows = jj % MK + 1;
+            let block = &mut kc[jj / MK * MK * dqk..][..MK * dqk];
+            transpose::transpose(avx512, kblk, dqk, rows, dqk, block, MK);
         }
         if vrow > 0 {
             ctx.kv.pack_v(b, g, j0 + jj, 1, &mut vc[jj * vrow..], vrow);
