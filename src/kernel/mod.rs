@@ -988,9 +988,12 @@ fn run_item<
                         if kb < kb_lo || kb >= kb_hi {
                             // No row of the slab sees these keys: -inf, without the
                             // dot products (the partial mask below writes the same).
-                            let st = &mut sc.st[kb * MK * rsv..][..MK * rsv];
-                            for row in st.chunks_exact_mut(rsv) {
-                                row[rb..rb + w].fill(simd.splat_f32s(f32::NEG_INFINITY));
+                            // Through `sp`, which the calls below keep using.
+                            let ninf = simd.splat_f32s(f32::NEG_INFINITY);
+                            for x in (0..MK).flat_map(|j| (rb..rb + w).map(move |v| (j, v))) {
+                                // SAFETY: key kb·MK + j < nkb·MK and vector v < rb + w ≤
+                                // nvec ≤ rsv: inside S (asserted above).
+                                unsafe { sp.add((kb * MK + x.0) * rsv + x.1).write(ninf) };
                             }
                             continue;
                         }
