@@ -29,9 +29,11 @@ pub(crate) const EXP2_MIN: f32 = -125.0;
 #[cfg(test)]
 pub(crate) const EXP2_REL_ERR: f64 = 2.0e-7;
 
-/// `2^x` lane-wise for `x <= 127` (callers pass `x <= 26`). `-inf` and every `x < -125`
-/// give exactly `+0`. Every backend gives the same bits; NaN lanes give NaN on AVX-512
-/// and an unspecified value elsewhere (the softmax checks its scores for NaN itself).
+/// `2^x` lane-wise for `x <= 127` (the softmax passes `x <= 0` except in rows that already
+/// hold a NaN, tanh `x <= 26`). `-inf` and every `x < -125` give exactly `+0`. Every
+/// backend gives the same bits there; above 127 AVX-512 gives +inf where the portable
+/// path clamps at 2^127. NaN lanes give NaN on AVX-512 and an unspecified value elsewhere
+/// (the softmax checks its scores for NaN itself).
 #[inline(always)]
 pub(crate) fn exp2<S: Simd>(simd: S, x: S::f32s) -> S::f32s {
     // AVX-512 has the exponent scaling as one instruction: 11 µops instead of 15, with

@@ -511,7 +511,9 @@ impl<S: Simd> Scratch<S> {
     /// nothing (it described another call's K/V).
     fn begin_call(&mut self, d: &Dims, call: u64) {
         self.row.resize(d.dv, 0.0);
-        self.blk.resize(TB * d.dqk.max(d.dv), 0.0);
+        // TB rows of either head dim (transposes), or MK ≤ TB K rows then a V row
+        // (`pack_panels`).
+        self.blk.resize(TB * d.dqk.max(d.dv) + d.dv, 0.0);
         self.chead = None;
         self.cdone.clear();
         self.call = Some(call);
