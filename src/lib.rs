@@ -29,8 +29,10 @@
 //! 3. The query heads that share a kv head are rows of the same tile, so each K/V tile
 //!    is read and converted once per GQA group, and packed once per kv head.
 //! 4. The mask classifies tiles as empty (skipped), full (no per-element work) or partial.
-//! 5. The running max is subtracted before the scale enters the exponent, so logits of
-//!    ±1e4 lose no accuracy (folding the scale into Q would round them first).
+//! 5. Logits of ±1e4 lose no accuracy (folding the scale into Q would round them
+//!    first): with `c·log2 e ≤ 1` the exponent is one FMA, `x·c·log2 e − fl(m·c·log2 e)`,
+//!    whose shift is common to the row and used as such by α, `l`, the LSE and the split
+//!    merge; otherwise the running max is subtracted before the scale enters it.
 //! 6. Decode sweeps every kv head's rows of a key range in one pass, prefetching the
 //!    next tile while computing this one, and splits long KV ranges across threads
 //!    (merged in a fixed order, so results stay bit-identical for every thread count).

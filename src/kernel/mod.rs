@@ -1389,12 +1389,9 @@ fn finish_row<Q, KV, O: Element>(
         ctx.sink.write_lse(lse_idx, f32::NEG_INFINITY);
         return;
     }
-    let c = if ctx.modified {
-        1.0f64
-    } else {
-        ctx.params.scale as f64
-    };
-    let ms = m * c;
+    let c = if ctx.modified { 1.0 } else { ctx.params.scale };
+    // `l` is relative to the kernel's shift for m (its f32 rounding included).
+    let ms = softmax::shift_ln(m as f32, c);
     let mut denom = l;
     if let Some(sinks) = ctx.params.sinks {
         denom += (sinks[h] as f64 - ms).exp();
@@ -1424,11 +1421,7 @@ pub(crate) unsafe fn merge_group<Q, KV, O: Element>(ctx: &Ctx<'_, Q, KV, O>, gro
     let slot = lay.slot(dv);
     let mut acc = vec![0.0f32; dv];
     let mut out = vec![0.0f32; dv];
-    let c = if ctx.modified {
-        1.0f64
-    } else {
-        ctx.params.scale as f64
-    };
+    let c = if ctx.modified { 1.0 } else { ctx.params.scale };
     // SAFETY: all splits finished (the caller's contract): the slots are ours to read.
     let parts: Vec<&mut [f32]> = (0..splits)
         .map(|s| unsafe { ctx.sink.partial((group * splits + s) * slot, slot) })
@@ -1458,7 +1451,9 @@ pub(crate) unsafe fn merge_group<Q, KV, O: Element>(ctx: &Ctx<'_, Q, KV, O>, gro
                     if ms == f64::NEG_INFINITY {
                         continue;
                     }
-                    let w = (c * (ms - mx)).exp();
+                    // Each split's `l` and O are relative to its own shift.
+                    let shift = |m: f64| softmax::shift_ln(m as f32, c);
+                    let w = (shift(ms) - shift(mx)).exp();
                     l += ls * w;
                     let wf = w as f32;
                     for (a, &x) in acc.iter_mut().zip(&p[base + r * dv..][..dv]) {

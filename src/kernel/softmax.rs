@@ -12,7 +12,7 @@
 //! that meets a NaN score (NaN in Q, or in a key of K it sees) keeps `m = NaN` for the
 //! rest of the call, and the driver writes its output as NaN.
 
-use super::math::{exp2, exp2_keeps_nan};
+use super::math::{exp2, exp2_keeps_nan, fused_mul_add};
 use pulp::Simd;
 
 /// Row vectors per pass over the scores.
@@ -55,9 +55,18 @@ impl<S: Simd> OnlineSoftmax<'_, S> {
         let nan_exp = exp2_keeps_nan::<S>();
         let ninf = simd.splat_f32s(f32::NEG_INFINITY);
         let zero = simd.splat_f32s(0.0);
-        // The exponent is (x - m)·c·log2 e. With c·log2 e finite that is one multiply;
-        // for c above f32::MAX / log2 e it is two, so that 0·∞ never makes NaN.
+        // The exponent is x·c·log2 e less a per-row shift. When c·log2 e ≤ 1 (any
+        // unmodified call with scale ≤ ln 2) the shift is fl(m·c·log2 e), which cannot
+        // overflow, and the exponent is one FMA, x·c1 − shift with a single rounding: the
+        // shift's own rounding is common to the whole row, and α, `l`, the LSE and the
+        // split merge all use the same f32 shift ([`shift_ln`]), so it cancels. Backends
+        // without a fused multiply-add compute (x − m)·c1 + (m·c1 − shift) instead. Else
+        // the exponent is (x − m)·c·log2 e, the max subtracted before scaling so that
+        // logits near it keep full precision; one multiply, or two for c·log2 e above
+        // f32::MAX (so that 0·∞ never makes NaN).
         let cl_scalar = c * core::f32::consts::LOG2_E;
+        let rounded = rounded_shift(c);
+        let fused = rounded && fused_mul_add::<S>();
         let one_mul = cl_scalar.is_finite();
         let (c1, c2) = if one_mul {
             (cl_scalar, 1.0)
@@ -65,6 +74,7 @@ impl<S: Simd> OnlineSoftmax<'_, S> {
             (c, core::f32::consts::LOG2_E)
         };
         let (c1, c2) = (simd.splat_f32s(c1), simd.splat_f32s(c2));
+        // The unrounded form, for α (the exp pass spells each form out).
         let arg = |d: S::f32s| {
             let t = simd.mul_f32s(d, c1);
             if one_mul { t } else { simd.mul_f32s(t, c2) }
@@ -99,20 +109,83 @@ impl<S: Simd> OnlineSoftmax<'_, S> {
                 }
             }
             let mut m_use = [zero; G];
+            // Per row: the shift's negation (fused), or the exact m·c1 − shift (not).
+            let mut neg_shift = [zero; G];
+            let mut delta = [zero; G];
             for u in 0..w {
                 m_use[u] = simd.select_f32s(simd.equal_f32s(mx[u], ninf), zero, mx[u]);
-                alpha[v0 + u] = exp2(simd, arg(simd.sub_f32s(self.m[v0 + u], m_use[u])));
-            }
-            let mut sum = [zero; G];
-            for (j, row) in st.chunks_mut(stride).take(n).enumerate() {
-                for u in 0..w {
-                    let e = exp2(simd, arg(simd.sub_f32s(row[v0 + u], m_use[u])));
-                    if IL {
-                        p[(v0 + u) * p_keys + j] = e;
-                    } else {
-                        row[v0 + u] = e;
+                let old = self.m[v0 + u];
+                alpha[v0 + u] = if rounded {
+                    let shift = simd.mul_f32s(m_use[u], c1);
+                    neg_shift[u] = simd.sub_f32s(zero, shift);
+                    if !fused {
+                        // m·c1 − shift exactly, by a (scalar, per row) fused multiply-add.
+                        let mut d = shift;
+                        let ml: &[f32] = bytemuck::cast_slice(core::slice::from_ref(&m_use[u]));
+                        let dl: &mut [f32] =
+                            bytemuck::cast_slice_mut(core::slice::from_mut(&mut d));
+                        for (d, &m) in dl.iter_mut().zip(ml) {
+                            *d = m.mul_add(cl_scalar, -*d);
+                        }
+                        delta[u] = d;
                     }
-                    sum[u] = simd.add_f32s(sum[u], e);
+                    exp2(simd, simd.sub_f32s(simd.mul_f32s(old, c1), shift))
+                } else {
+                    exp2(simd, arg(simd.sub_f32s(old, m_use[u])))
+                };
+            }
+            // The exp pass, with its exponent form fixed outside the loop (a form chosen
+            // per score kept the loop at ~50 instructions per vector) and raw pointers:
+            // the extents are asserted here once.
+            let mode = if fused {
+                FUSED
+            } else if rounded {
+                ROUNDED
+            } else if one_mul {
+                ONE_MUL
+            } else {
+                TWO_MUL
+            };
+            assert!(n == 0 || (n - 1) * stride + v0 + w <= st.len());
+            assert!(!IL || (n <= p_keys && (v0 + w) * p_keys <= p.len()));
+            let k = Consts {
+                c1,
+                c2,
+                m: m_use,
+                ns: neg_shift,
+                delta,
+            };
+            let sp = st.as_mut_ptr().wrapping_add(v0);
+            let pp = p.as_mut_ptr().wrapping_add(v0 * p_keys);
+            let mut sum = [zero; G];
+            // One pass over W row vectors starting at `sp`/`pp`, in the chosen form.
+            macro_rules! pass {
+                ($w:literal, $sp:expr, $pp:expr, $u:expr) => {
+                    match mode {
+                        FUSED => {
+                            exp_pass::<S, IL, $w, FUSED>(simd, $sp, stride, n, $pp, p_keys, &k, $u)
+                        }
+                        ROUNDED => exp_pass::<S, IL, $w, ROUNDED>(
+                            simd, $sp, stride, n, $pp, p_keys, &k, $u,
+                        ),
+                        ONE_MUL => exp_pass::<S, IL, $w, ONE_MUL>(
+                            simd, $sp, stride, n, $pp, p_keys, &k, $u,
+                        ),
+                        _ => exp_pass::<S, IL, $w, TWO_MUL>(
+                            simd, $sp, stride, n, $pp, p_keys, &k, $u,
+                        ),
+                    }
+                };
+            }
+            // SAFETY: rows j < n of `st` hold vectors v0..v0 + w, and with IL rows v0..v0 + w
+            // of `p` hold keys j < n ≤ p_keys (both asserted).
+            unsafe {
+                if w == G {
+                    sum = pass!(4, sp, pp, 0);
+                } else {
+                    for (u, su) in sum.iter_mut().enumerate().take(w) {
+                        *su = pass!(1, sp.wrapping_add(u), pp.wrapping_add(u * p_keys), u)[0];
+                    }
                 }
             }
             for u in 0..w {
@@ -129,5 +202,94 @@ impl<S: Simd> OnlineSoftmax<'_, S> {
             }
             v0 += w;
         }
+    }
+}
+
+/// Exponent forms of the exp pass (see [`OnlineSoftmax::update`]).
+const FUSED: u8 = 0;
+const ROUNDED: u8 = 1;
+const ONE_MUL: u8 = 2;
+const TWO_MUL: u8 = 3;
+
+/// Per-row values of one group of row vectors for the exp pass.
+struct Consts<S: Simd> {
+    c1: S::f32s,
+    c2: S::f32s,
+    /// The max used (0 for rows with none yet).
+    m: [S::f32s; G],
+    /// −fl(m·c1).
+    ns: [S::f32s; G],
+    /// m·c1 − fl(m·c1), exactly (backends without a fused multiply-add).
+    delta: [S::f32s; G],
+}
+
+/// `p = 2^exponent(x)` for keys `j < n` of `W` row vectors (`st[j·stride + u]`, rows
+/// `u0 + u` of `k`), written in place or to `p[u·p_keys + j]` (`IL`); returns the sums.
+///
+/// # Safety
+/// `st` is valid for reads and writes at `j·stride + u` and, with `IL`, `p` for writes at
+/// `u·p_keys + j`, for `j < n`, `u < W`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn exp_pass<S: Simd, const IL: bool, const W: usize, const MODE: u8>(
+    simd: S,
+    st: *mut S::f32s,
+    stride: usize,
+    n: usize,
+    p: *mut S::f32s,
+    p_keys: usize,
+    k: &Consts<S>,
+    u0: usize,
+) -> [S::f32s; W] {
+    let zero = simd.splat_f32s(0.0);
+    let mut sum = [zero; W];
+    let m: [S::f32s; W] = core::array::from_fn(|u| k.m[u0 + u]);
+    let ns: [S::f32s; W] = core::array::from_fn(|u| k.ns[u0 + u]);
+    let delta: [S::f32s; W] = core::array::from_fn(|u| k.delta[u0 + u]);
+    let mut row = st;
+    for j in 0..n {
+        for u in 0..W {
+            // SAFETY: j < n and u < W (the caller's contract).
+            let x = unsafe { row.add(u).read() };
+            let t = match MODE {
+                FUSED => simd.mul_add_e_f32s(x, k.c1, ns[u]),
+                ROUNDED => {
+                    let t = simd.mul_f32s(simd.sub_f32s(x, m[u]), k.c1);
+                    simd.add_f32s(t, delta[u])
+                }
+                ONE_MUL => simd.mul_f32s(simd.sub_f32s(x, m[u]), k.c1),
+                _ => simd.mul_f32s(simd.mul_f32s(simd.sub_f32s(x, m[u]), k.c1), k.c2),
+            };
+            let e = exp2(simd, t);
+            // SAFETY: as above.
+            unsafe {
+                if IL {
+                    p.add(u * p_keys + j).write(e);
+                } else {
+                    row.add(u).write(e);
+                }
+            }
+            sum[u] = simd.add_f32s(sum[u], e);
+        }
+        row = row.wrapping_add(stride);
+    }
+    sum
+}
+
+/// Whether rows use the rounded shift fl(m·c·log2 e) at exponent scale `c` (see
+/// [`OnlineSoftmax::update`]): when c·log2 e ≤ 1, so that it never overflows.
+#[inline]
+pub(crate) fn rounded_shift(c: f32) -> bool {
+    c * core::f32::consts::LOG2_E <= 1.0
+}
+
+/// The natural-log shift that a row's `p` and `l` are relative to, for running max `m`
+/// (finite) at exponent scale `c`: `l·e^shift` is the row's sum of e^scores. The LSE, the
+/// sinks and the split merge use it, so that they match the kernel's rounding exactly.
+pub(crate) fn shift_ln(m: f32, c: f32) -> f64 {
+    if rounded_shift(c) {
+        (m * (c * core::f32::consts::LOG2_E)) as f64 * core::f64::consts::LN_2
+    } else {
+        m as f64 * c as f64
     }
 }
