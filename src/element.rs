@@ -26,6 +26,11 @@ pub trait Element: sealed::Sealed + Copy + Send + Sync + 'static {
     fn as_f32(_src: &[Self]) -> Option<&[f32]> {
         None
     }
+    /// `Some` when the storage already is f32, so kernels may write it in place.
+    #[inline(always)]
+    fn as_f32_mut(_dst: &mut [Self]) -> Option<&mut [f32]> {
+        None
+    }
     /// Converts one value to f32 (used by the reference, not by the kernels).
     fn to_f32(self) -> f32;
     /// Converts one f32, rounding to nearest even.
@@ -37,6 +42,10 @@ impl Element for f32 {
     #[inline(always)]
     fn as_f32(src: &[f32]) -> Option<&[f32]> {
         Some(src)
+    }
+    #[inline(always)]
+    fn as_f32_mut(dst: &mut [f32]) -> Option<&mut [f32]> {
+        Some(dst)
     }
     #[inline(always)]
     fn load_row(src: &[f32], dst: &mut [f32]) {
