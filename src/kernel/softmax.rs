@@ -286,9 +286,16 @@ pub(crate) fn rounded_shift(c: f32) -> bool {
 /// The natural-log shift that a row's `p` and `l` are relative to, for running max `m`
 /// (finite) at exponent scale `c`: `l·e^shift` is the row's sum of e^scores. The LSE, the
 /// sinks and the split merge use it, so that they match the kernel's rounding exactly.
+///
+/// On the rounded path the kernel's exponents are `x·c1 − fl(m·c1)` with `c1 = fl(c·log2 e)`,
+/// so `l` sums `2^(x·c1)`, not `e^(x·c)`: the shift adds `m·(c − c1·ln 2)` (in f64), the
+/// offset of the rounded scale at the row's level (~1e-4 at logits of 1e4), leaving only
+/// `(x − m)·(c − c1·ln 2)` per key, as on the unrounded path.
 pub(crate) fn shift_ln(m: f32, c: f32) -> f64 {
     if rounded_shift(c) {
-        (m * (c * core::f32::consts::LOG2_E)) as f64 * core::f64::consts::LN_2
+        let c1 = c * core::f32::consts::LOG2_E;
+        let ln2 = core::f64::consts::LN_2;
+        (m * c1) as f64 * ln2 + m as f64 * (c as f64 - c1 as f64 * ln2)
     } else {
         m as f64 * c as f64
     }
