@@ -265,6 +265,16 @@ mod tests {
                 128.0,
             ]);
             xs.extend([f32::INFINITY, 1e30, f32::NAN, -125.000_01, 0.999_999_9]);
+            // Just below an integer x − floor(x) rounds up to 1: the polynomial's value
+            // at 1 carries the result.
+            xs.extend([
+                -1e-9,
+                -1e-30,
+                -f32::MIN_POSITIVE,
+                2.0 - 1e-7,
+                -3.000_000_2,
+                -124.999_99,
+            ]);
             for chunk in xs.chunks(16) {
                 let x = simd.partial_load_f32s(chunk);
                 let mut y = [0.0f32; 16];
