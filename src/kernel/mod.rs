@@ -481,6 +481,7 @@ struct Scratch<S: Simd> {
     k: Buf<S>,
     v: Buf<S>,
     st: Buf<S>,
+    sall: Buf<S>,
     /// P interleaved by row vector (`rsv` runs of `bcp` key vectors), for row-major PV
     /// blocks that stay within one vector of rows.
     pi: Buf<S>,
@@ -518,6 +519,7 @@ impl<S: Simd> Scratch<S> {
             k: Buf::new(),
             v: Buf::new(),
             st: Buf::new(),
+            sall: Buf::new(),
             pi: Buf::new(),
             o: Buf::new(),
             m: Buf::new(),
@@ -680,6 +682,9 @@ fn run_item<
             .is_some_and(|(_, vs)| vs.is_multiple_of(lanes));
     ensure(&mut sc.k, kv_heads * bcp * kst);
     ensure(&mut sc.v, kv_heads * bck * vrow);
+    if dot {
+        ensure(&mut sc.sall, nh * bcp * rs);
+    }
     let k_len = bcp * kst; // floats of one head's K̂
     let v_len = bck * vrow; // floats of one head's V̂
 
@@ -714,7 +719,7 @@ fn run_item<
         let g = it.g0 + hi;
         // Pack Qᵀ: per slab of `sw` rows, d-major; zero rows past `nr`.
         let qt = &mut floats_mut::<S>(&mut sc.qt)[hi * qt_len..][..qt_len];
-        if nr < rs {
+        if nr < rs && !dot {
             qt.fill(0.0);
         }
         // TB rows at a time, so that each d writes a run of TB floats.
@@ -735,7 +740,8 @@ fn run_item<
                 }
             }
             // Runs of rows within one slab (TB rows may span two when a slab is narrower).
-            let mut r = r0;
+            // (Dot-product items read Q rows, not Qᵀ.)
+            let mut r = if dot { r0 + nb } else { r0 };
             while r < r0 + nb {
                 let e = (r / sw + 1) * sw;
                 let m = (r0 + nb).min(e) - r;
@@ -843,6 +849,57 @@ fn run_item<
                         None => ctx.kv.pack_v(it.b, g, ju + jj, 1, v, dv),
                     }
                 }
+            }
+        }
+        if dot {
+            // Scores of every head, key by key (two keys per pass where two are left:
+            // eight FMA chains instead of four). In BSHD a position's heads are
+            // adjacent, so K is read in address order, which the hardware prefetchers
+            // stream; head by head, each key row was a page from the last, and on Zen 3
+            // decode c ran 15–20 % slower. The next tile's rows are prefetched in the
+            // same order.
+            let dv_ = dqkp / lanes;
+            let sall = floats_mut::<S>(&mut sc.sall);
+            // K rows in place: key jj of head hi at jj·sj + hi·sh; else K̂ rows.
+            let kin = if in_place {
+                let (src, sj) = ctx.kv.k_in_place(it.b, it.g0, ju).expect("f32 K");
+                Some((src, sj, ctx.kv.k.strides[2]))
+            } else {
+                None
+            };
+            let kh: &[S::f32s] = &sc.k;
+            let krow = |hi: usize, jj: usize| -> &[S::f32s] {
+                match kin {
+                    Some((src, sj, sh)) => bytemuck::cast_slice(&src[jj * sj + hi * sh..][..dqk]),
+                    None => &kh[(hi * k_len + jj * kst) / lanes..][..dv_],
+                }
+            };
+            let mut j = 0;
+            while j < n {
+                let nk = (n - j).min(2);
+                for hi in 0..nh {
+                    let g = it.g0 + hi;
+                    if let Some((j1, n1)) = ahead {
+                        for jj in (j..j + nk).filter(|&jj| jj < n1) {
+                            prefetch(ctx.kv.k.row(it.b, j1 as usize + jj, g));
+                            prefetch(ctx.kv.v.row(it.b, j1 as usize + jj, g));
+                        }
+                    }
+                    let qh = &sc.qr[hi * nr * dv_..][..nr * dv_];
+                    let srows = &mut sall[(hi * bcp + j) * rs..][..nk * rs];
+                    let (s0, s1) = srows.split_at_mut(rs);
+                    if nk == 2 {
+                        let k = [krow(hi, j), krow(hi, j + 1)];
+                        dot_rows::<S, 2>(simd, k, qh, dv_, [s0, s1]);
+                    } else {
+                        dot_rows::<S, 1>(simd, [krow(hi, j)], qh, dv_, [s0]);
+                    }
+                    // Lanes past the rows: finite, like the broadcast block leaves them.
+                    for srow in srows.chunks_exact_mut(rs) {
+                        srow[nr..nvec * lanes].fill(0.0);
+                    }
+                }
+                j += nk;
             }
         }
         for hi in 0..nh {
@@ -954,65 +1011,9 @@ fn run_item<
             let sp = sc.st.as_mut_ptr();
             let kp = sc.k.as_ptr() as *const f32;
             if dot {
-                let dv_ = dqkp / lanes;
-                let kh = &sc.k[hi * k_len / lanes..][..n * dv_];
-                let qh = &sc.qr[hi * nr * dv_..][..nr * dv_];
-                let st = floats_mut::<S>(&mut sc.st);
-                let zero = simd.splat_f32s(0.0);
-                let kin = if in_place {
-                    let (src, stride) = ctx.kv.k_in_place(it.b, g, ju).expect("f32 K");
-                    assert!((n - 1) * stride + dqk <= src.len());
-                    Some((src, stride))
-                } else {
-                    None
-                };
-                for j in 0..n {
-                    let krow: &[S::f32s] = match kin {
-                        Some((src, stride)) => bytemuck::cast_slice(&src[j * stride..][..dqk]),
-                        None => &kh[j * dv_..][..dv_],
-                    };
-                    if let Some((j1, n1)) = ahead
-                        && j < n1
-                    {
-                        let j1 = j1 as usize + j;
-                        prefetch(ctx.kv.k.row(it.b, j1, g));
-                        prefetch(ctx.kv.v.row(it.b, j1, g));
-                    }
-                    let srow = &mut st[j * rs..][..nvec * lanes];
-                    // Four query rows per pass over the K̂ row: four independent FMA
-                    // chains (one chain per score was latency-bound, 4 cycles per vector,
-                    // and took most of a decode step's compute).
-                    let mut quads = qh.chunks_exact(4 * dv_);
-                    let mut x = 0;
-                    for q4 in &mut quads {
-                        let (q0, q) = q4.split_at(dv_);
-                        let (q1, q) = q.split_at(dv_);
-                        let (q2, q3) = q.split_at(dv_);
-                        let mut a = [zero; 4];
-                        for ((((kv, y0), y1), y2), y3) in
-                            krow.iter().zip(q0).zip(q1).zip(q2).zip(q3)
-                        {
-                            a[0] = simd.mul_add_e_f32s(*kv, *y0, a[0]);
-                            a[1] = simd.mul_add_e_f32s(*kv, *y1, a[1]);
-                            a[2] = simd.mul_add_e_f32s(*kv, *y2, a[2]);
-                            a[3] = simd.mul_add_e_f32s(*kv, *y3, a[3]);
-                        }
-                        for (dst, acc) in srow[x..x + 4].iter_mut().zip(a) {
-                            *dst = simd.reduce_sum_f32s(acc);
-                        }
-                        x += 4;
-                    }
-                    for qrow in quads.remainder().chunks_exact(dv_) {
-                        let mut acc = zero;
-                        for (kv, qv) in krow.iter().zip(qrow) {
-                            acc = simd.mul_add_e_f32s(*kv, *qv, acc);
-                        }
-                        srow[x] = simd.reduce_sum_f32s(acc);
-                        x += 1;
-                    }
-                    // Lanes past the rows: finite, like the broadcast block leaves them.
-                    srow[nr..].fill(0.0);
-                }
+                // Computed by the sweep above.
+                let src = &floats::<S>(&sc.sall)[hi * bcp * rs..][..n * rs];
+                floats_mut::<S>(&mut sc.st)[..n * rs].copy_from_slice(src);
             } else {
                 let mut rb = 0;
                 while rb < nvec {
@@ -1576,5 +1577,68 @@ fn apply_modifiers<S: Simd, Q, KV, O>(
                 st[j * br + r] = if y > f32::MAX { f32::MAX } else { y };
             }
         }
+    }
+}
+
+/// Scores of NK keys against every query row of a decode item, as dot products along
+/// the head dim: `s[k][r] = K_k · Q_r` for the `qh.len() / dv` rows of `qh` (row-major,
+/// `dv` vectors each). Four query rows × NK keys per pass keep 4·NK independent FMA
+/// chains: with one key (4 chains of d/lanes dependent FMAs) the loop was bound by the
+/// FMA latency, not its throughput.
+#[inline(always)]
+fn dot_rows<S: Simd, const NK: usize>(
+    simd: S,
+    k: [&[S::f32s]; NK],
+    qh: &[S::f32s],
+    dv: usize,
+    s: [&mut [f32]; NK],
+) {
+    let zero = simd.splat_f32s(0.0);
+    let rows = qh.len() / dv;
+    for kk in 0..NK {
+        assert!(k[kk].len() == dv && s[kk].len() >= rows);
+    }
+    let mut x = 0;
+    while x + 4 <= rows {
+        let q = &qh[x * dv..][..4 * dv];
+        let mut a = [[zero; 4]; NK];
+        let qp = q.as_ptr();
+        let kp: [*const S::f32s; NK] = core::array::from_fn(|kk| k[kk].as_ptr());
+        for t in 0..dv {
+            // SAFETY: t < dv, the length of every K row and of each of the 4 Q rows.
+            unsafe {
+                let y = [
+                    *qp.add(t),
+                    *qp.add(dv + t),
+                    *qp.add(2 * dv + t),
+                    *qp.add(3 * dv + t),
+                ];
+                for kk in 0..NK {
+                    let kv = *kp[kk].add(t);
+                    for r in 0..4 {
+                        a[kk][r] = simd.mul_add_e_f32s(kv, y[r], a[kk][r]);
+                    }
+                }
+            }
+        }
+        for kk in 0..NK {
+            for r in 0..4 {
+                s[kk][x + r] = simd.reduce_sum_f32s(a[kk][r]);
+            }
+        }
+        x += 4;
+    }
+    while x < rows {
+        let q = &qh[x * dv..][..dv];
+        let mut a = [zero; NK];
+        for t in 0..dv {
+            for kk in 0..NK {
+                a[kk] = simd.mul_add_e_f32s(k[kk][t], q[t], a[kk]);
+            }
+        }
+        for kk in 0..NK {
+            s[kk][x] = simd.reduce_sum_f32s(a[kk]);
+        }
+        x += 1;
     }
 }
