@@ -7,30 +7,12 @@
 
 mod common;
 
-use common::{BiasSpec, Case, DType, Sinks, run};
+use common::{BiasSpec, Case, DType, Sinks, check_sampled, run, sampled};
 
-/// Whether case `c` runs: all of them natively, a fixed eighth (by a hash of the case)
-/// when `PROPTEST_CASES` is below 64 (the qemu steps of scripts/test.sh): the file takes
-/// ~5 s natively and minutes under emulation.
-fn take(c: &Case) -> bool {
-    use std::hash::{Hash, Hasher};
-    if common::proptest_cases(256) >= 64 {
-        return true;
-    }
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    format!("{c:?}").hash(&mut h);
-    h.finish().is_multiple_of(8)
-}
-
-fn check_all(c: &Case) {
-    if take(c) {
-        common::check_all(c);
-    }
-}
 use flashcpu::Backend;
 
 fn bit_identity(c: &Case) {
-    if !take(c) {
+    if !sampled(c) {
         return;
     }
     let data = c.data();
@@ -89,7 +71,7 @@ fn partial_tiles_masks_shapes() {
             c.causal = causal;
             c.window = window;
             c.seed = (sq * 7 + skv * 13 + dqk) as u64;
-            check_all(&c);
+            check_sampled(&c);
         }
     }
 }
@@ -112,7 +94,7 @@ fn partial_tiles_bit_identity() {
             c.causal = causal;
             c.window = window;
             c.sinks = Some(Sinks::Mixed);
-            check_all(&c);
+            check_sampled(&c);
             bit_identity(&c);
         }
     }
@@ -155,7 +137,7 @@ fn partial_tiles_modifiers_and_types() {
                     c.sinks = Some(Sinks::Mixed);
                 }
             }
-            check_all(&c);
+            check_sampled(&c);
         }
     }
 }
@@ -178,7 +160,7 @@ fn multi_q_tile_gqa() {
             let mut c = Case::new(1, sq, 160, hq, hkv, d, dv);
             c.causal = causal;
             c.window = window;
-            check_all(&c);
+            check_sampled(&c);
         }
     }
 }
@@ -186,7 +168,7 @@ fn multi_q_tile_gqa() {
 /// Runs a case with data modified by `edit` and checks NaN rows against the reference
 /// (NaN rows: every output NaN and LSE NaN; others within tolerance).
 fn check_nan_case(c: &Case, edit: &dyn Fn(&mut common::Data)) -> usize {
-    if !take(c) {
+    if !sampled(c) {
         return 0;
     }
     let mut data = c.data();
@@ -431,7 +413,7 @@ fn head_dims_and_tail_keys() {
             c.causal = skv % 2 == 0;
             c.tkv = if d % 2 == 0 { DType::F16 } else { DType::F32 };
             c.seed = (d * 1000 + skv) as u64;
-            check_all(&c);
+            check_sampled(&c);
         }
     }
 }
@@ -506,7 +488,7 @@ fn random_sweep() {
     let mut n = 0;
     for _ in 0..common::proptest_cases(256) {
         let c = random_case(&mut rng, n);
-        check_all(&c);
+        check_sampled(&c);
         if n % 8 == 0 {
             bit_identity(&c);
         }
@@ -577,7 +559,7 @@ fn no_panel_cache_partial_masks() {
             c.v_alias_k = true;
             c.dv = 200;
         }
-        check_all(&c);
+        check_sampled(&c);
     }
 }
 

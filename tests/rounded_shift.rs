@@ -9,27 +9,8 @@
 
 mod common;
 
-use common::{Case, Data, Layout, Sinks, check_on, run};
+use common::{Case, Data, Layout, Sinks, check_on, check_sampled, run, sampled};
 use flashcpu::Backend;
-
-/// Whether case `c` runs: all of them natively, a fixed eighth (by a hash of the case)
-/// when `PROPTEST_CASES` is below 64 (the qemu steps of scripts/test.sh), where the file
-/// took minutes.
-fn take(c: &Case) -> bool {
-    use std::hash::{Hash, Hasher};
-    if common::proptest_cases(256) >= 64 {
-        return true;
-    }
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    format!("{c:?}").hash(&mut h);
-    h.finish().is_multiple_of(8)
-}
-
-fn check_all(c: &Case) {
-    if take(c) {
-        common::check_all(c);
-    }
-}
 
 /// Max |out - ref| and |lse - ref| over all rows (no tolerance), per backend.
 fn errs(c: &Case, data: &Data, be: Backend) -> (f64, f64) {
@@ -90,7 +71,7 @@ fn sinks_at_large_logits() {
                 for s in data.sinks.iter_mut() {
                     *s = lse0 as f32;
                 }
-                if !take(&c) {
+                if !sampled(&c) {
                     continue;
                 }
                 for be in common::backends() {
@@ -118,7 +99,7 @@ fn lse_at_large_logits() {
                 let mut c = Case::new(1, sq, skv, 2, 1, 1, 8);
                 c.scale = Some(scale);
                 let data = large_data(&c, sign, scale, 5);
-                if !take(&c) {
+                if !sampled(&c) {
                     continue;
                 }
                 for be in common::backends() {
@@ -151,7 +132,7 @@ fn split_decode_different_maxima() {
                 let mut c = Case::new(1, 1, 4096, 4, 2, 1, 8);
                 c.scale = Some(scale);
                 c.lse = lse;
-                if !take(&c) {
+                if !sampled(&c) {
                     continue;
                 }
                 let mut data = large_data(&c, sign, scale, 7);
@@ -203,7 +184,7 @@ fn rows_empty_in_early_tiles() {
         c.window = Some((0, usize::MAX));
         c.amp = [25.0, 25.0, 1.0];
         c.sinks = Some(Sinks::Mixed);
-        check_all(&c);
+        check_sampled(&c);
         // Split decode where most splits see nothing.
         for w in [0usize, 5, 100, 700] {
             let mut c = Case::new(2, 1, 3000, 4, 1, 16, 8);
@@ -211,17 +192,17 @@ fn rows_empty_in_early_tiles() {
             c.window = Some((w, 0));
             c.amp = [25.0, 25.0, 1.0];
             c.sinks = Some(Sinks::Random(3.0));
-            check_all(&c);
+            check_sampled(&c);
             let mut c2 = c.clone();
             c2.sinks = Some(Sinks::Mixed);
-            check_all(&c2);
+            check_sampled(&c2);
         }
         // Causal with sq > skv (rows at negative positions see nothing at all).
         let mut c = Case::new(1, 150, 90, 3, 1, 20, 12);
         c.scale = Some(scale);
         c.causal = true;
         c.amp = [25.0, 25.0, 1.0];
-        check_all(&c);
+        check_sampled(&c);
     }
 }
 
@@ -305,11 +286,11 @@ fn dtypes_layouts_through_scaled_writes() {
                 c.v_alias_k = alias;
                 c.scale = Some(0.6);
                 c.sinks = Some(Sinks::Mixed);
-                check_all(&c);
+                check_sampled(&c);
                 c.sinks = None;
                 c.lse = false;
                 c.scale = Some(0.9);
-                check_all(&c);
+                check_sampled(&c);
             }
         }
     }
@@ -338,6 +319,6 @@ fn backends_agree_near_boundary() {
                 .fold(0.0, f64::max);
             assert!(d < 1e-4, "{be} vs {}: {d:e} at scale {scale}", outs[0].0);
         }
-        check_all(&c);
+        check_sampled(&c);
     }
 }

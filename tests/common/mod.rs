@@ -76,6 +76,26 @@ pub fn proptest_cases(default: u32) -> u32 {
         .unwrap_or(default)
 }
 
+/// Whether case `c` runs in a file that samples its cases: all of them natively, a fixed
+/// eighth (by a hash of the case) when `PROPTEST_CASES` is below 64 (the qemu steps of
+/// scripts/test.sh), for files that take seconds natively and minutes under emulation.
+pub fn sampled(c: &Case) -> bool {
+    use std::hash::{Hash, Hasher};
+    if proptest_cases(256) >= 64 {
+        return true;
+    }
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    format!("{c:?}").hash(&mut h);
+    h.finish().is_multiple_of(8)
+}
+
+/// [`check_all`] on the cases [`sampled`] keeps.
+pub fn check_sampled(c: &Case) {
+    if sampled(c) {
+        check_all(c);
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Deterministic RNG (SplitMix64): test data must not depend on a crate's RNG algorithm.
 // ---------------------------------------------------------------------------------------
