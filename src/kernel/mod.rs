@@ -777,7 +777,17 @@ fn run_item<
         };
         sm.reset(simd);
     }
-    sc.o[..nh * o_len / lanes].fill(simd.splat_f32s(0.0));
+    // Row-major O: only the rows the PV blocks touch (whole OR-row blocks, or the 4-row
+    // block of small groups), not the padding to `rs` (a GQA group of 4 has rs = 24 on
+    // AVX2: 96 KiB of zeros per decode item instead of 16).
+    let o_zero = if o_rows {
+        nr.next_multiple_of(OR).max(4).min(rs) * dvq
+    } else {
+        o_len
+    };
+    for hi in 0..nh {
+        sc.o[hi * o_len / lanes..][..o_zero / lanes].fill(simd.splat_f32s(0.0));
+    }
 
     // Rows are position-major, so the first and last rows bound the positions.
     let pmin = ctx.mask.pos(row_of(it.g0, 0).0);
