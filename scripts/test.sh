@@ -21,7 +21,7 @@
 #   demo          cargo run --release --example demo (if examples/demo.rs exists)
 #
 # Knobs: FUZZ_SECONDS (default 60), QEMU_PROPTEST_CASES (default 16; qemu steps also run
-# 4 instead of 24 cases of each test in tests/scratch_reuse.rs).
+# 4 instead of 24 cases of each test in tests/it/scratch_reuse.rs).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

@@ -1,6 +1,6 @@
 //! Invalid input is an `Err` naming the argument, never a panic.
 
-mod common;
+use crate::common;
 
 use flashcpu::{Attention, Backend, Bias, Error, Tensor, TensorMut, reference};
 use std::panic::{AssertUnwindSafe, catch_unwind};

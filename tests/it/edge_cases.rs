@@ -3,7 +3,7 @@
 //! dimensions, extreme logits and scales, odd head dims, MLA with V aliasing K, layouts,
 //! sinks, softcap, ALiBi, GQA and MQA.
 
-mod common;
+use crate::common;
 
 use common::{BiasSpec, Case, DType, Layout, Sinks, check_all, run};
 

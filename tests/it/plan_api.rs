@@ -3,7 +3,7 @@
 //! `forward`; a second run of an item and indices out of range are errors, not panics;
 //! plans dropped half-run and plans interleaved with each other leave later calls intact.
 
-mod common;
+use crate::common;
 
 use common::{BiasSpec, Case, DType, Layout, Rng, Sinks, backends, compare, run, tolerance};
 use flashcpu::{Attention, Tensor, TensorMut, bf16, f16};

@@ -2,7 +2,7 @@
 //! over NaN inputs fill it with NaN first, then every case must still match the f64
 //! reference on every backend, bit-identically for every thread count.
 
-mod common;
+use crate::common;
 
 use common::{BiasSpec, Case, DType, Layout, Rng, Sinks, check_with, run, tolerance};
 use flashcpu::{Attention, Backend, Tensor, TensorMut};

@@ -7,7 +7,7 @@
 // Scales that straddle ln 2 (where scale·log2 e crosses 1) are written out on purpose.
 #![allow(clippy::approx_constant)]
 
-mod common;
+use crate::common;
 
 use common::{Case, Data, Layout, Sinks, check_on, check_sampled, run, sampled};
 use flashcpu::Backend;

@@ -1,6 +1,6 @@
 //! Which backends this run covers, and the `FLASHCPU_EXPECT_BACKEND` guard.
 
-mod common;
+use crate::common;
 
 use flashcpu::Backend;
 

@@ -4,7 +4,7 @@
 //!
 //! The test prints the measured errors per case and backend (the README quotes them).
 
-mod common;
+use crate::common;
 
 use common::{BiasSpec, Case, Sinks, max_err, naive_f32, run};
 

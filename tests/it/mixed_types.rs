@@ -2,7 +2,7 @@
 //! with the reference computed on the same (already rounded) inputs, with the output
 //! type's rounding added to the tolerance.
 
-mod common;
+use crate::common;
 
 use common::{BiasSpec, Case, DType, check_on, compare, run_typed, tolerance};
 use flashcpu::{Element, bf16, f16};

@@ -5,7 +5,7 @@
 //! thread counts, and NaN in Q, K or V around the skipped ranges. (From an independent
 //! review of the AVX-512 exp2, slab-major Qᵀ, 8-key K̂ packing and block-skipping changes.)
 
-mod common;
+use crate::common;
 
 use common::{BiasSpec, Case, DType, Sinks, check_sampled, run, sampled};
 

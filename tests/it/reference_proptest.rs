@@ -4,7 +4,7 @@
 //! `PROPTEST_CASES` overrides the case count (default 96 per backend);
 //! `FLASHCPU_PROPTEST_SEED` (a u64) changes the otherwise fixed seed.
 
-mod common;
+use crate::common;
 
 use common::{BiasSpec, Case, DTYPES, Layout, Sinks};
 use flashcpu::Backend;

@@ -1,6 +1,6 @@
 //! Results are bit-identical across repeated calls and across thread counts.
 
-mod common;
+use crate::common;
 
 use common::{BiasSpec, Case, DType, Sinks, run};
 
