@@ -826,16 +826,29 @@ fn run_item<
             continue;
         }
         // Multi-head items (decode) prefetch the next tile's K/V rows into L2 while
-        // computing this one's scores (row j of head hi during score row j of head hi),
-        // so that DRAM streams while they compute: with 16-key tiles (the next tile
-        // fits in L2 beside this one) and K/V read in place, decode c went from 64 to
-        // 94–98 % of the bandwidth on one thread. Single-head items do not: their next
-        // Q tile finds K/V in the panel cache, and spreading prefetches of the next KV
-        // tile over the first pass measured no better on a and d.
+        // computing this one, so that DRAM streams while they compute: with 16-key
+        // tiles (the next tile fits in L2 beside this one) and K/V read in place, decode
+        // c went from 64 to 94–98 % of the bandwidth on one thread (Ice Lake). K row j
+        // of head hi is prefetched during score row j of head hi. V rows read in place
+        // are prefetched during their head's PV, spread over its column blocks: issued
+        // with K, all of a tile's prefetches came in a burst during the score sweep and
+        // none during PV, and on Zen 3 (whose software prefetches stall once the miss
+        // buffers fill) c32k ran 6–7 % slower on one and on two threads.
+        // Single-head items do not prefetch: their next Q tile finds K/V in the panel
+        // cache, and spreading prefetches of the next KV tile over the first pass
+        // measured no better on a and d.
         let ahead = if nh > 1 && kt + 1 < k_hi {
             Some(tile_at(kt + 1))
         } else {
             None
+        };
+        // Rows lo..hi of the next tile's V, head g.
+        let prefetch_v = |g: usize, lo: usize, hi: usize| {
+            if let Some((j1, n1)) = ahead {
+                for jj in lo..hi.min(n1) {
+                    prefetch(ctx.kv.v.row(it.b, j1 as usize + jj, g));
+                }
+            }
         };
         if nh > 1 && !in_place {
             // One sweep over the key range for every head of the item. f32 rows are
@@ -892,7 +905,9 @@ fn run_item<
                     if let Some((j1, n1)) = ahead {
                         for jj in (j..j + nk).filter(|&jj| jj < n1) {
                             prefetch(ctx.kv.k.row(it.b, j1 as usize + jj, g));
-                            prefetch(ctx.kv.v.row(it.b, j1 as usize + jj, g));
+                            if !in_place {
+                                prefetch(ctx.kv.v.row(it.b, j1 as usize + jj, g));
+                            }
                         }
                     }
                     let qh = &sc.qr[hi * nr * dv_..][..nr * dv_];
@@ -1143,9 +1158,15 @@ fn run_item<
                     // OR-row block with padding: 4 rows × 4 (or 2) column vectors.
                     let nvo = if lanes >= 16 { 4 } else { 2 };
                     let (klo, khi) = span(0, nr);
+                    let nb = dvqv.div_ceil(nvo);
                     let mut cb = 0;
                     while cb < dvqv {
                         let w = (dvqv - cb).min(nvo);
+                        if in_place {
+                            // Block b of nb prefetches the next tile's rows b·bc/nb..
+                            let b = cb / nvo;
+                            prefetch_v(g, b * bc / nb, (b + 1) * bc / nb);
+                        }
                         // SAFETY: as for the OR-row blocks below, with 4 ≤ OR rows.
                         unsafe {
                             let vs = vstride / lanes;
@@ -1163,6 +1184,9 @@ fn run_item<
                         cb += w;
                     }
                     continue;
+                }
+                if in_place {
+                    prefetch_v(g, 0, bc);
                 }
                 for r0 in (0..nr).step_by(OR) {
                     assert!(r0 + OR <= rs);
@@ -1590,6 +1614,43 @@ fn apply_modifiers<S: Simd, Q, KV, O>(
     }
 }
 
+/// The lane sums of NK × 4 vectors: on AVX2 four at a time by horizontal adds (3
+/// `vhaddps`, an extract and an add for four, against 6 operations each), elsewhere one
+/// by one.
+#[inline(always)]
+fn sum_lanes_4<S: Simd, const NK: usize>(simd: S, a: [[S::f32s; 4]; NK]) -> [[f32; 4]; NK] {
+    // Plain loops: through `array::map`'s closures the intrinsics were not inlined (a
+    // call per `vhaddps`, decode 60 % slower).
+    let mut out = [[0.0; 4]; NK];
+    #[cfg(target_arch = "x86_64")]
+    if let Some(&v3) = (&simd as &dyn core::any::Any).downcast_ref::<pulp::x86::V3>() {
+        for kk in 0..NK {
+            out[kk] = sum_lanes_4_v3(v3, bytemuck::cast(a[kk]));
+        }
+        return out;
+    }
+    for kk in 0..NK {
+        for r in 0..4 {
+            out[kk][r] = simd.reduce_sum_f32s(a[kk][r]);
+        }
+    }
+    out
+}
+
+/// The lane sums of four AVX2 vectors.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn sum_lanes_4_v3(simd: pulp::x86::V3, a: [core::arch::x86_64::__m256; 4]) -> [f32; 4] {
+    // In each 128-bit half: pair sums of a0 and a1 (and of a2, a3), then the half's sum
+    // of each of the four; the two halves are added last.
+    let h01 = simd.avx._mm256_hadd_ps(a[0], a[1]);
+    let h23 = simd.avx._mm256_hadd_ps(a[2], a[3]);
+    let h = simd.avx._mm256_hadd_ps(h01, h23);
+    let lo = simd.avx._mm256_castps256_ps128(h);
+    let hi = simd.avx._mm256_extractf128_ps::<1>(h);
+    bytemuck::cast(simd.sse._mm_add_ps(lo, hi))
+}
+
 /// Scores of NK keys against every query row of a decode item, as dot products along
 /// the head dim: `s[k][r] = K_k · Q_r` for the `qh.len() / dv` rows of `qh` (row-major,
 /// `dv` vectors each). Four query rows × NK keys per pass keep 4·NK independent FMA
@@ -1631,10 +1692,9 @@ fn dot_rows<S: Simd, const NK: usize>(
                 }
             }
         }
+        let sums = sum_lanes_4::<S, NK>(simd, a);
         for kk in 0..NK {
-            for r in 0..4 {
-                s[kk][x + r] = simd.reduce_sum_f32s(a[kk][r]);
-            }
+            s[kk][x..x + 4].copy_from_slice(&sums[kk]);
         }
         x += 4;
     }
