@@ -273,25 +273,31 @@ impl<'p, Q: Element, KV: Element, O: Element> Plan<'p, Q, KV, O> {
             if workers > 1 {
                 let next = AtomicUsize::new(0);
                 let failed: Mutex<Option<Error>> = Mutex::new(None);
-                rayon::scope(|s| {
-                    for _ in 0..workers {
-                        s.spawn(|_| {
-                            loop {
-                                let i = next.fetch_add(1, Ordering::Relaxed);
-                                if i >= self.len() {
-                                    break;
-                                }
-                                if let Err(e) = self.run(i) {
-                                    // Stop every worker: the output is incomplete anyway.
-                                    next.store(self.len(), Ordering::Relaxed);
-                                    if let Ok(mut f) = failed.lock() {
-                                        f.get_or_insert(e);
-                                    }
-                                    break;
-                                }
+                let work = || {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= self.len() {
+                            break;
+                        }
+                        if let Err(e) = self.run(i) {
+                            // Stop every worker: the output is incomplete anyway.
+                            next.store(self.len(), Ordering::Relaxed);
+                            if let Ok(mut f) = failed.lock() {
+                                f.get_or_insert(e);
                             }
-                        });
+                            break;
+                        }
                     }
+                };
+                // The calling thread is one of the workers: it is awake already, and the
+                // pool's threads (which sleep between calls) join as they wake. With
+                // `rayon::scope` the caller slept while every worker was woken, and a
+                // 3 ms decode call on 2 threads often ran no faster than on 1.
+                rayon::in_place_scope(|s| {
+                    for _ in 1..workers {
+                        s.spawn(|_| work());
+                    }
+                    work();
                 });
                 return match failed.into_inner() {
                     Ok(Some(e)) => Err(e),
