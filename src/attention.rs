@@ -135,7 +135,8 @@ impl<'a> Attention<'a> {
     /// pool, `n ≥ 2` at most `n` of them (rayon's global pool unless the call runs inside
     /// [`ThreadPool::install`](https://docs.rs/rayon/latest/rayon/struct.ThreadPool.html#method.install)),
     /// 1 runs on the calling thread; without the `rayon` feature every call runs on the
-    /// calling thread. Results are bit-identical for every thread count.
+    /// calling thread. With `n ≥ 2` the calling thread works too, beside `n − 1` pool
+    /// tasks. Results are bit-identical for every thread count.
     pub fn threads(mut self, threads: usize) -> Self {
         self.threads = threads;
         self

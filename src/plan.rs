@@ -257,10 +257,11 @@ impl<'p, Q: Element, KV: Element, O: Element> Plan<'p, Q, KV, O> {
         Ok(())
     }
 
-    /// Runs every item: with the `rayon` feature on `threads` workers of rayon's current
-    /// pool (0: all of them), else (or with `threads == 1`) on the calling thread.
-    /// Workers claim items in index order, so the longest items of a causal call, which
-    /// come first, start first.
+    /// Runs every item: with the `rayon` feature on `threads` workers (0: as many as
+    /// rayon's current pool has threads), the calling thread and `threads − 1` tasks on
+    /// that pool; else (or with `threads == 1`) on the calling thread alone. Workers claim
+    /// items in index order, so the longest items of a causal call, which come first,
+    /// start first.
     pub fn run_all(&self, threads: usize) -> Result<()> {
         #[cfg(feature = "rayon")]
         {
