@@ -87,6 +87,48 @@ fn thread_counts_are_bit_identical() {
     }
 }
 
+/// Calls made inside a rayon pool of three threads (from the installing thread, and from
+/// several of the pool's tasks at once, so that the call's own workers nest in theirs)
+/// agree bit for bit with one thread.
+#[cfg(feature = "rayon")]
+#[test]
+fn calls_inside_a_rayon_pool_are_bit_identical() {
+    use rayon::prelude::*;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(3)
+        .build()
+        .unwrap();
+    for c in cases().into_iter().take(2) {
+        let data = c.data();
+        for be in common::backends() {
+            let mut c1 = c.clone();
+            c1.threads = 1;
+            let one = run(&c1, &data, be).unwrap();
+            for threads in [0usize, 2] {
+                let mut cn = c.clone();
+                cn.threads = threads;
+                let installed = pool.install(|| run(&cn, &data, be).unwrap());
+                assert!(
+                    installed.bits == one.bits,
+                    "{be}: threads({threads}) inside a pool differs from threads(1)\n{c:?}"
+                );
+                let nested: Vec<_> = pool.install(|| {
+                    (0..4)
+                        .into_par_iter()
+                        .map(|_| run(&cn, &data, be).unwrap())
+                        .collect()
+                });
+                for o in nested {
+                    assert!(
+                        o.bits == one.bits,
+                        "{be}: threads({threads}) from a pool task differs from threads(1)"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// Calls from several threads at once (each with its own output) agree bit for bit.
 #[test]
 fn concurrent_calls_are_bit_identical() {
