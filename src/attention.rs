@@ -131,12 +131,12 @@ impl<'a> Attention<'a> {
         self
     }
 
-    /// Limits the worker threads: 0 (the default) uses every thread of the current rayon
-    /// pool, `n ≥ 2` at most `n` of them (rayon's global pool unless the call runs inside
+    /// Limits the worker threads: 0 (the default) uses as many workers as the current
+    /// rayon pool has threads, `n ≥ 2` at most `n` (rayon's global pool unless the call runs inside
     /// [`ThreadPool::install`](https://docs.rs/rayon/latest/rayon/struct.ThreadPool.html#method.install)),
     /// 1 runs on the calling thread; without the `rayon` feature every call runs on the
-    /// calling thread. With `n ≥ 2` the calling thread works too, beside `n − 1` pool
-    /// tasks. Results are bit-identical for every thread count.
+    /// calling thread. Several workers are the calling thread and tasks on the pool.
+    /// Results are bit-identical for every thread count.
     pub fn threads(mut self, threads: usize) -> Self {
         self.threads = threads;
         self

@@ -830,8 +830,9 @@ fn run_item<
         // tiles (the next tile fits in L2 beside this one) and K/V read in place, decode
         // c went from 64 to 94–98 % of the bandwidth on one thread (Ice Lake). K row j
         // of head hi is prefetched during score row j of head hi. V rows read in place
-        // are prefetched during their head's PV, spread over its column blocks: issued
-        // with K, all of a tile's prefetches came in a burst during the score sweep and
+        // are prefetched during their head's PV: spread over the column blocks of the
+        // 4-row block, or all at once before the OR-row blocks (V rows that are copied
+        // are still prefetched with K, during the sweep). Issued with K, all of a tile's prefetches came in a burst during the score sweep and
         // none during PV, and on Zen 3 (whose software prefetches stall once the miss
         // buffers fill) c32k ran 6–7 % slower on one and on two threads.
         // Single-head items do not prefetch: their next Q tile finds K/V in the panel
@@ -879,8 +880,8 @@ fn run_item<
             // eight FMA chains instead of four). In BSHD a position's heads are
             // adjacent, so K is read in address order, which the hardware prefetchers
             // stream; head by head, each key row was a page from the last, and on Zen 3
-            // decode c ran 15–20 % slower. The next tile's rows are prefetched in the
-            // same order.
+            // decode c ran 15–20 % slower. The next tile's K rows (and V rows, when they
+            // are copied) are prefetched in the same order.
             let dv_ = dqkp / lanes;
             let sall = floats_mut::<S>(&mut sc.sall);
             // K rows in place: key jj of head hi at jj·sj + hi·sh; else K̂ rows.
