@@ -832,9 +832,10 @@ fn run_item<
         // of head hi is prefetched during score row j of head hi. V rows read in place
         // are prefetched during their head's PV: spread over the column blocks of the
         // 4-row block, or all at once before the OR-row blocks (V rows that are copied
-        // are still prefetched with K, during the sweep). Issued with K, all of a tile's prefetches came in a burst during the score sweep and
-        // none during PV, and on Zen 3 (whose software prefetches stall once the miss
-        // buffers fill) c32k ran 6–7 % slower on one and on two threads.
+        // are still prefetched with K, during the sweep). Issued with K, all of a tile's
+        // prefetches came in a burst during the score sweep and none during PV, and on
+        // Zen 3 (whose software prefetches stall once the miss buffers fill) c32k ran
+        // 6–7 % slower on one and on two threads.
         // Single-head items do not prefetch: their next Q tile finds K/V in the panel
         // cache, and spreading prefetches of the next KV tile over the first pass
         // measured no better on a and d.
@@ -906,10 +907,10 @@ fn run_item<
                     if let Some((j1, n1)) = ahead {
                         for jj in (j..j + nk).filter(|&jj| jj < n1) {
                             prefetch(ctx.kv.k.row(it.b, j1 as usize + jj, g));
-                            if !in_place {
-                                prefetch(ctx.kv.v.row(it.b, j1 as usize + jj, g));
-                            }
                         }
+                    }
+                    if !in_place {
+                        prefetch_v(g, j, j + nk);
                     }
                     let qh = &sc.qr[hi * nr * dv_..][..nr * dv_];
                     let srows = &mut sall[(hi * bcp + j) * rs..][..nk * rs];
@@ -1621,7 +1622,7 @@ fn apply_modifiers<S: Simd, Q, KV, O>(
 #[inline(always)]
 fn sum_lanes_4<S: Simd, const NK: usize>(simd: S, a: [[S::f32s; 4]; NK]) -> [[f32; 4]; NK] {
     // Plain loops: through `array::map`'s closures the intrinsics were not inlined (a
-    // call per `vhaddps`, decode 60 % slower).
+    // call per `vhaddps`, decode 30–60 % slower).
     let mut out = [[0.0; 4]; NK];
     #[cfg(target_arch = "x86_64")]
     if let Some(&v3) = (&simd as &dyn core::any::Any).downcast_ref::<pulp::x86::V3>() {

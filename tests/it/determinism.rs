@@ -62,18 +62,21 @@ fn repeated_calls_are_bit_identical() {
     }
 }
 
+/// `c` with `threads` worker threads.
+fn with_threads(c: &Case, threads: usize) -> Case {
+    let mut c = c.clone();
+    c.threads = threads;
+    c
+}
+
 #[test]
 fn thread_counts_are_bit_identical() {
     for c in cases() {
         let data = c.data();
         for be in common::backends() {
-            let mut c1 = c.clone();
-            c1.threads = 1;
-            let one = run(&c1, &data, be).unwrap();
+            let one = run(&with_threads(&c, 1), &data, be).unwrap();
             for threads in [0usize, 3] {
-                let mut cn = c.clone();
-                cn.threads = threads;
-                let many = run(&cn, &data, be).unwrap();
+                let many = run(&with_threads(&c, threads), &data, be).unwrap();
                 assert!(
                     one.bits == many.bits,
                     "{be}: output with threads({threads}) differs from threads(1)\n{c:?}"
@@ -101,12 +104,9 @@ fn calls_inside_a_rayon_pool_are_bit_identical() {
     for c in cases().into_iter().take(2) {
         let data = c.data();
         for be in common::backends() {
-            let mut c1 = c.clone();
-            c1.threads = 1;
-            let one = run(&c1, &data, be).unwrap();
+            let one = run(&with_threads(&c, 1), &data, be).unwrap();
             for threads in [0usize, 2] {
-                let mut cn = c.clone();
-                cn.threads = threads;
+                let cn = with_threads(&c, threads);
                 let installed = pool.install(|| run(&cn, &data, be).unwrap());
                 assert!(
                     installed.bits == one.bits,
