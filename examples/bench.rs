@@ -314,30 +314,60 @@ fn measure_bw(buf: &[f32], threads: usize, backend: Backend) -> f64 {
 // Attention runs
 // ---------------------------------------------------------------------------------------
 
+/// One cache line of floats, the unit of [`Lines`].
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(C, align(64))]
+struct Line([f32; 16]);
+
+/// `len` floats that start on a 64-byte line, as inference engines allocate their KV
+/// caches. A large `Vec<f32>` starts 16 bytes into a line here, and then every K and V
+/// row of a decode call straddles lines: decode c and c32k ran 5–9 % slower so.
+struct Lines {
+    lines: Vec<Line>,
+    len: usize,
+}
+
+impl Lines {
+    fn new(len: usize, mut f: impl FnMut() -> f32) -> Lines {
+        let mut lines = vec![Line([0.0; 16]); len.div_ceil(16)];
+        for x in &mut bytemuck::cast_slice_mut::<Line, f32>(&mut lines)[..len] {
+            *x = f();
+        }
+        Lines { lines, len }
+    }
+
+    fn get(&self) -> &[f32] {
+        &bytemuck::cast_slice(&self.lines)[..self.len]
+    }
+
+    fn get_mut(&mut self) -> &mut [f32] {
+        &mut bytemuck::cast_slice_mut(&mut self.lines)[..self.len]
+    }
+}
+
 struct Data {
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    o: Vec<f32>,
+    q: Lines,
+    k: Lines,
+    v: Lines,
+    o: Lines,
 }
 
 impl Data {
     fn new(s: &Shape, rng: &mut StdRng) -> Data {
-        let mut gen_vec =
-            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect() };
+        let mut gen_vec = |n: usize| Lines::new(n, || rng.random_range(-1.0f32..1.0));
         Data {
             q: gen_vec(s.b * s.sq * s.hq * s.d),
             k: gen_vec(s.b * s.skv * s.hkv * s.d),
             v: gen_vec(s.b * s.skv * s.hkv * s.d),
-            o: vec![0.0; s.b * s.sq * s.hq * s.d],
+            o: Lines::new(s.b * s.sq * s.hq * s.d, || 0.0),
         }
     }
 
     fn forward(&mut self, s: &Shape, attn: &Attention) {
-        let q = Tensor::bshd(&self.q, [s.b, s.sq, s.hq, s.d]).unwrap();
-        let k = Tensor::bshd(&self.k, [s.b, s.skv, s.hkv, s.d]).unwrap();
-        let v = Tensor::bshd(&self.v, [s.b, s.skv, s.hkv, s.d]).unwrap();
-        let mut o = TensorMut::bshd(&mut self.o, [s.b, s.sq, s.hq, s.d]).unwrap();
+        let q = Tensor::bshd(self.q.get(), [s.b, s.sq, s.hq, s.d]).unwrap();
+        let k = Tensor::bshd(self.k.get(), [s.b, s.skv, s.hkv, s.d]).unwrap();
+        let v = Tensor::bshd(self.v.get(), [s.b, s.skv, s.hkv, s.d]).unwrap();
+        let mut o = TensorMut::bshd(self.o.get_mut(), [s.b, s.sq, s.hq, s.d]).unwrap();
         attn.forward(q, k, v, &mut o).unwrap();
     }
 }
@@ -351,55 +381,30 @@ fn evict(buf: &[u8]) {
     black_box(x);
 }
 
-/// Runs `call` on `threads` threads: the calling thread for 1, else a rayon pool of that
-/// size (without the `rayon` feature, only 1 is possible).
-enum Runner {
-    Single,
+/// Reads `buf` on the threads that will run the next call, a share each (see [`evict`]):
+/// every core's caches are then cold, and the pool's threads have just run, as after an
+/// engine's previous operation on all cores.
+///
+/// The timed calls run on the main thread (as an engine's own thread would call), with
+/// `Attention::threads(n)`: for more than 1 thread, tasks on rayon's global pool join it.
+/// An earlier version ran each call inside `ThreadPool::install` of a pool of that size.
+/// The main thread then slept while a pool thread was woken to make the call, which then
+/// woke the second: two wake-ups in a row on a VM whose idle vCPUs wake slowly. Decode c
+/// on 2 threads timed 2.6–2.7 ms that way, and 1.7–2.0 ms from the main thread (Zen 3
+/// guest, three runs each).
+fn evict_for(threads: usize, buf: &[u8]) {
     #[cfg(feature = "rayon")]
-    Pool(rayon::ThreadPool),
-}
-
-impl Runner {
-    fn new(threads: usize) -> Runner {
-        if threads == 1 {
-            return Runner::Single;
-        }
-        #[cfg(feature = "rayon")]
-        {
-            Runner::Pool(
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .expect("rayon pool"),
-            )
-        }
-        #[cfg(not(feature = "rayon"))]
-        panic!("more than 1 thread needs the `rayon` feature")
-    }
-
-    /// Reads `buf` on every thread of the runner, a share each (see [`evict`]).
-    fn evict(&self, buf: &[u8]) {
-        match self {
-            Runner::Single => evict(buf),
-            #[cfg(feature = "rayon")]
-            Runner::Pool(p) => {
-                let share = buf.len().div_ceil(p.current_num_threads());
-                p.broadcast(|ctx| {
-                    if let Some(chunk) = buf.chunks(share).nth(ctx.index()) {
-                        evict(chunk);
-                    }
-                });
+    if threads > 1 {
+        let share = buf.len().div_ceil(rayon::current_num_threads());
+        rayon::broadcast(|ctx| {
+            if let Some(chunk) = buf.chunks(share).nth(ctx.index()) {
+                evict(chunk);
             }
-        }
+        });
+        return;
     }
-
-    fn run(&self, f: &mut (dyn FnMut() + Send)) {
-        match self {
-            Runner::Single => f(),
-            #[cfg(feature = "rayon")]
-            Runner::Pool(p) => p.install(f),
-        }
-    }
+    let _ = threads;
+    evict(buf)
 }
 
 struct Timing {
@@ -537,6 +542,15 @@ fn main() {
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let started = Instant::now();
+    #[cfg(feature = "rayon")]
+    {
+        // Workers beyond the calling thread come from the global pool: size it for the
+        // largest thread count asked for (it may have been built already; then it stays).
+        let most = opts.threads.iter().copied().max().unwrap_or(1).max(cores);
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(most)
+            .build_global();
+    }
 
     // Limits.
     let mut peak = BTreeMap::new();
@@ -589,30 +603,30 @@ fn main() {
     }
 
     let cold = vec![1u8; 64 << 20];
-    let runners: Vec<(usize, Runner)> = opts.threads.iter().map(|&t| (t, Runner::new(t))).collect();
     let mut rng = StdRng::seed_from_u64(0x5eed);
     for shape in &opts.shapes {
         let mut data = Data::new(shape, &mut rng);
         for &backend in &opts.backends {
-            for (threads, runner) in &runners {
+            for &threads in &opts.threads {
                 let mut attn = Attention::new().backend(backend);
                 if shape.causal {
                     attn = attn.causal();
                 }
-                if *threads == 1 {
-                    attn = attn.threads(1);
-                }
+                attn = attn.threads(threads);
                 let t = time_calls(
                     opts.budget,
-                    || runner.evict(&cold),
-                    || runner.run(&mut || data.forward(shape, &attn)),
+                    || evict_for(threads, &cold),
+                    || data.forward(shape, &attn),
                 );
-                assert!(data.o.iter().all(|x| x.is_finite()), "non-finite output");
+                assert!(
+                    data.o.get().iter().all(|x| x.is_finite()),
+                    "non-finite output"
+                );
                 let secs = t.median_ms / 1e3;
                 let gflops = shape.flops() / secs / 1e9;
-                let pct_peak = 100.0 * gflops / (*threads as f64 * peak[&backend]);
+                let pct_peak = 100.0 * gflops / (threads as f64 * peak[&backend]);
                 let gbps = shape.kv_bytes() / secs / 1e9;
-                let pct_bw = 100.0 * gbps / bw[threads];
+                let pct_bw = 100.0 * gbps / bw[&threads];
                 if opts.json {
                     println!(
                         "{{\"shape\": \"{}\", \"backend\": \"{}\", \"threads\": {threads}, \
