@@ -481,7 +481,11 @@ struct Scratch<S: Simd> {
     k: Buf<S>,
     v: Buf<S>,
     st: Buf<S>,
-    sall: Buf<S>,
+    /// Per head of a multi-head item of dot products (decode), the scores of the tile,
+    /// written by the sweep over every head. A head's buffer is swapped with `st` for its
+    /// softmax and PV rather than copied into it (the copies, a call to memmove per head
+    /// and tile, took ~3 % of decode's time); all of them are `bcp · rs` floats or more.
+    sall: Vec<Buf<S>>,
     /// P interleaved by row vector (`rsv` runs of `bcp` key vectors), for row-major PV
     /// blocks that stay within one vector of rows.
     pi: Buf<S>,
@@ -519,7 +523,7 @@ impl<S: Simd> Scratch<S> {
             k: Buf::new(),
             v: Buf::new(),
             st: Buf::new(),
-            sall: Buf::new(),
+            sall: Vec::new(),
             pi: Buf::new(),
             o: Buf::new(),
             m: Buf::new(),
@@ -649,7 +653,6 @@ fn run_item<
     ] {
         ensure(v, nh * rs);
     }
-    ensure(&mut sc.st, bcp * rs);
     // Row-major PV blocks that never straddle two row vectors read P interleaved by row
     // vector: each key's OR probabilities then sit one line after the previous key's
     // (in the key-major S they are a whole S row apart, a new line per key); the PV
@@ -663,6 +666,23 @@ fn run_item<
     // block would fill one lane in four for a GQA group of 4. K̂ rows are then padded to
     // whole vectors, with zeros.
     let dot = o_rows && nh > 1;
+    // Dot-product items whose P is read from S (AVX2: its 6-row PV blocks straddle row
+    // vectors) hold every head's rows in one S and one row state, head after head
+    // (`virt`): row `hi·nr + r` is row r of head hi. The softmax then runs once per tile
+    // over full vectors (8 heads × 4 rows: 4 vectors) instead of once per head over one
+    // vector half filled with padding. PV reads each head's rows at their offset; a head's
+    // padding rows read the next head's P (or padding), which only reach padding rows
+    // of its O. `rs_v` covers the last head's widest PV block.
+    let virt = dot && !il;
+    let (nr_s, rs_s) = if virt {
+        let widest = nr.next_multiple_of(OR).max(4);
+        (nh * nr, ((nh - 1) * nr + widest).next_multiple_of(lanes))
+    } else {
+        (nr, rs)
+    };
+    let (rsv_s, nvec_s) = (rs_s / lanes, nr_s.div_ceil(lanes));
+    // Index of row r of head hi in the row state (m, l, α, ALiBi lanes).
+    let srow = |hi: usize, r: usize| if virt { hi * nr + r } else { hi * rs + r };
     let dqkp = dqk.next_multiple_of(lanes);
     let kst = if dot { dqkp } else { dqk }; // K̂ row stride
     if dot {
@@ -682,8 +702,16 @@ fn run_item<
             .is_some_and(|(_, vs)| vs.is_multiple_of(lanes));
     ensure(&mut sc.k, kv_heads * bcp * kst);
     ensure(&mut sc.v, kv_heads * bck * vrow);
-    if dot {
-        ensure(&mut sc.sall, nh * bcp * rs);
+    // (nh·rs floats of row state cover rs_v: rs ≥ nr and rs ≥ the widest PV block.)
+    debug_assert!(rs_s <= nh * rs);
+    ensure(&mut sc.st, bcp * rs_s);
+    if dot && !virt {
+        if sc.sall.len() < nh {
+            sc.sall.resize_with(nh, Buf::new);
+        }
+        for s in &mut sc.sall[..nh] {
+            ensure(s, bcp * rs);
+        }
     }
     let k_len = bcp * kst; // floats of one head's K̂
     let v_len = bck * vrow; // floats of one head's V̂
@@ -761,21 +789,23 @@ fn run_item<
         }
         // Per-row ALiBi slopes and positions, as lanes.
         if let Some(slopes) = p.alibi {
-            let sl = &mut floats_mut::<S>(&mut sc.slope)[hi * rs..][..rs];
-            let ps = &mut floats_mut::<S>(&mut sc.posf)[hi * rs..][..rs];
+            let sl = floats_mut::<S>(&mut sc.slope);
+            let ps = floats_mut::<S>(&mut sc.posf);
             for r in 0..nr {
                 let (i, h) = row_of(g, r);
-                sl[r] = slopes[h];
+                sl[srow(hi, r)] = slopes[h];
                 // Relative to the item's first row, so exact in f32 (a tile spans a
                 // few hundred positions; absolute positions lose integers past 2^24).
-                ps[r] = (ctx.mask.pos(i) - pbase) as f32;
+                ps[srow(hi, r)] = (ctx.mask.pos(i) - pbase) as f32;
             }
         }
-        let mut sm = OnlineSoftmax::<S> {
-            m: &mut sc.m[hi * rsv..][..nvec],
-            l: &mut sc.l[hi * rsv..][..nvec],
-        };
-        sm.reset(simd);
+        if !virt || hi == 0 {
+            let mut sm = OnlineSoftmax::<S> {
+                m: &mut sc.m[hi * rsv_s..][..nvec_s],
+                l: &mut sc.l[hi * rsv_s..][..nvec_s],
+            };
+            sm.reset(simd);
+        }
     }
     // Row-major O: only the rows the PV blocks touch (whole OR-row blocks, or the 4-row
     // block of small groups), not the padding to `rs` (a GQA group of 4 has rs = 24 on
@@ -884,7 +914,6 @@ fn run_item<
             // decode c ran 15–20 % slower. The next tile's K rows (and V rows, when they
             // are copied) are prefetched in the same order.
             let dv_ = dqkp / lanes;
-            let sall = floats_mut::<S>(&mut sc.sall);
             // K rows in place: key jj of head hi at jj·sj + hi·sh; else K̂ rows.
             let kin = if in_place {
                 let (src, sj) = ctx.kv.k_in_place(it.b, it.g0, ju).expect("f32 K");
@@ -913,20 +942,42 @@ fn run_item<
                         prefetch_v(g, j, j + nk);
                     }
                     let qh = &sc.qr[hi * nr * dv_..][..nr * dv_];
-                    let srows = &mut sall[(hi * bcp + j) * rs..][..nk * rs];
-                    let (s0, s1) = srows.split_at_mut(rs);
+                    // Rows off..off + nr of keys j, j + 1: in S (`virt`), else in the
+                    // head's own scores.
+                    let (buf, off, stride) = if virt {
+                        (&mut sc.st, hi * nr, rs_s)
+                    } else {
+                        (&mut sc.sall[hi], 0, rs)
+                    };
+                    let srows = &mut floats_mut::<S>(buf)[j * stride..][..nk * stride];
+                    let (s0, s1) = srows.split_at_mut(stride);
+                    let s0 = &mut s0[off..off + nr];
                     if nk == 2 {
                         let k = [krow(hi, j), krow(hi, j + 1)];
-                        dot_rows::<S, 2>(simd, k, qh, dv_, [s0, s1]);
+                        dot_rows::<S, 2>(simd, k, qh, dv_, [s0, &mut s1[off..off + nr]]);
                     } else {
                         dot_rows::<S, 1>(simd, [krow(hi, j)], qh, dv_, [s0]);
                     }
-                    // Lanes past the rows: finite, like the broadcast block leaves them.
-                    for srow in srows.chunks_exact_mut(rs) {
-                        srow[nr..nvec * lanes].fill(0.0);
+                    if !virt {
+                        // Lanes past the rows: finite, like the broadcast block leaves them.
+                        for srow in srows.chunks_exact_mut(rs) {
+                            srow[nr..nvec * lanes].fill(0.0);
+                        }
                     }
                 }
                 j += nk;
+            }
+            if virt {
+                let st = floats_mut::<S>(&mut sc.st);
+                for srow in st.chunks_exact_mut(rs_s).take(n) {
+                    srow[nr_s..nvec_s * lanes].fill(0.0);
+                }
+                // Every head's rows at once.
+                let rows = |x: usize| row_of(it.g0 + x / nr, x % nr);
+                let tile = (ju, n, pbase);
+                scores_to_p(
+                    simd, ctx, it.b, sc, 0, tile, class, nr_s, rs_s, &rows, c_dom, il, bcp,
+                );
             }
         }
         for hi in 0..nh {
@@ -1028,20 +1079,20 @@ fn run_item<
                 vsrc.0 = unsafe { (sc.v.as_ptr() as *const f32).add(v_off) };
             }
 
-            // S = K̂·Qᵀ.
-            assert!(cache || k_off + (nkb - kd_blocks) * MK * dqk <= sc.k.len() * lanes);
-            assert!(nkb * MK * dqk <= kc_tile);
-            assert!((hi + 1) * qt_len <= sc.qt.len() * lanes);
-            assert!(nkb * MK * rsv <= sc.st.len() && nvec <= rsv);
-            // SAFETY: head hi's Qᵀ block is in bounds (asserted).
-            let qp = unsafe { sc.qt.as_ptr().add(hi * qt_len / lanes) };
-            let sp = sc.st.as_mut_ptr();
-            let kp = sc.k.as_ptr() as *const f32;
-            if dot {
-                // Computed by the sweep above.
-                let src = &floats::<S>(&sc.sall)[hi * bcp * rs..][..n * rs];
-                floats_mut::<S>(&mut sc.st)[..n * rs].copy_from_slice(src);
-            } else {
+            if dot && !virt {
+                // This head's scores, computed by the sweep above, become S.
+                core::mem::swap(&mut sc.st, &mut sc.sall[hi]);
+            }
+            // S = K̂·Qᵀ (dot-product items: computed by the sweep above).
+            if !dot {
+                assert!(cache || k_off + (nkb - kd_blocks) * MK * dqk <= sc.k.len() * lanes);
+                assert!(nkb * MK * dqk <= kc_tile);
+                assert!((hi + 1) * qt_len <= sc.qt.len() * lanes);
+                assert!(nkb * MK * rsv <= sc.st.len() && nvec <= rsv);
+                // SAFETY: head hi's Qᵀ block is in bounds (asserted).
+                let qp = unsafe { sc.qt.as_ptr().add(hi * qt_len / lanes) };
+                let sp = sc.st.as_mut_ptr();
+                let kp = sc.k.as_ptr() as *const f32;
                 let mut rb = 0;
                 while rb < nvec {
                     let w = (nvec - rb).min(NVQ);
@@ -1100,49 +1151,32 @@ fn run_item<
                 }
             }
 
-            let rows = |r: usize| row_of(g, r);
-            if ctx.modified {
+            if !virt {
+                let rows = |r: usize| row_of(g, r);
                 let tile = (ju, n, pbase);
-                apply_modifiers(simd, ctx, it.b, sc, hi, tile, nr, nvec, rs, &rows);
-            }
-            if class == TileClass::Partial {
-                let st = floats_mut::<S>(&mut sc.st);
-                for r in 0..nr {
-                    let (lo, hi) = ctx.mask.key_range(ctx.mask.pos(rows(r).0));
-                    let a = (lo - ju as i64).clamp(0, n as i64) as usize;
-                    let e = (hi - ju as i64).clamp(a as i64, n as i64) as usize;
-                    for j in (0..a).chain(e..n) {
-                        st[j * rs + r] = f32::NEG_INFINITY;
-                    }
-                }
-            }
-
-            let mut sm = OnlineSoftmax::<S> {
-                m: &mut sc.m[hi * rsv..][..nvec],
-                l: &mut sc.l[hi * rsv..][..nvec],
-            };
-            let al = &mut sc.alpha[hi * rsv..][..nvec];
-            if il {
-                sm.update::<true>(simd, &mut sc.st, rsv, n, c_dom, al, &mut sc.pi, bcp);
-            } else {
-                sm.update::<false>(simd, &mut sc.st, rsv, n, c_dom, al, &mut [], 0);
+                scores_to_p(
+                    simd, ctx, it.b, sc, hi, tile, class, nr, rs, &rows, c_dom, il, bcp,
+                );
             }
 
             // Oᵀ = α·Oᵀ + V̂ᵀ·P. Row blocks outer: one block of P (n keys × NVP vectors,
             // 12 KiB at n = 64, NVP = 3 on AVX-512) stays in L1 while every column block
             // of V streams past it.
             let ohead = &mut sc.o[hi * o_len / lanes..][..o_len / lanes];
-            let alpha = &floats::<S>(&sc.alpha)[hi * rs..][..rs];
-            assert!(n * rsv <= sc.st.len());
+            // α of this head's rows (and of the rows after them, up to a PV block).
+            let alpha = &floats::<S>(&sc.alpha)[srow(hi, 0)..][..rs];
+            assert!(n * rsv_s <= sc.st.len());
             let op = ohead.as_mut_ptr();
             let (vp, vstride) = vsrc;
             if o_rows {
                 // O = α·O + P·V̂ over blocks of OR rows × NVO column vectors. P of row r
-                // and key j: interleaved at (r / lanes, j, r % lanes), or S's (j, r).
+                // and key j: interleaved at (r / lanes, j, r % lanes), or S's (j, r) (row
+                // hi·nr + r of S with `virt`).
                 let (pp, p_key) = if il {
                     (sc.pi.as_ptr() as *const f32, lanes)
                 } else {
-                    (sc.st.as_ptr() as *const f32, rs)
+                    let off = if virt { hi * nr } else { 0 };
+                    ((sc.st.as_ptr() as *const f32).wrapping_add(off), rs_s)
                 };
                 let p_at = |r: usize| {
                     if il {
@@ -1151,8 +1185,9 @@ fn run_item<
                         r
                     }
                 };
-                // Both layouts hold rsv row vectors × bcp ≥ n keys.
-                assert!(n <= bcp && bcp * rsv <= if il { sc.pi.len() } else { sc.st.len() });
+                // Both layouts hold rsv (S: rsv_s) row vectors × bcp ≥ n keys; with `virt`
+                // this head's rows start at hi·nr, and its PV blocks end by rs_s.
+                assert!(n <= bcp && bcp * rsv_s <= if il { sc.pi.len() } else { sc.st.len() });
                 let vv = vp as *const S::f32s;
                 debug_assert!(vstride.is_multiple_of(lanes));
                 if nr <= 4 && OR > 4 {
@@ -1197,7 +1232,8 @@ fn run_item<
                     let mut cb = 0;
                     while cb < dvqv {
                         let w = (dvqv - cb).min(NVO);
-                        // SAFETY: P of keys klo ≤ j < khi ≤ n and rows r0..r0+OR ≤ rs (asserted; an
+                        // SAFETY: P of keys klo ≤ j < khi ≤ n and rows r0..r0+OR ≤ rs from
+                        // `pp` (with `virt`, S rows hi·nr + r0 + OR ≤ rs_s) (asserted; an
                         // OR-row block stays within one row vector when interleaved);
                         // V̂ rows j < n, vectors cb..cb+w ≤ dvqv ≤ vrow/lanes (packed in
                         // `sc.v`, asserted above); O rows r0..r0+OR ≤ rs of dvqv vectors
@@ -1287,8 +1323,8 @@ fn run_item<
             let (pm, pl) = rest.split_at_mut(br);
             for r in 0..nr {
                 gather(hi, r, &mut po[r * dv..][..dv]);
-                pm[r] = m[hi * rs + r];
-                pl[r] = l[hi * rs + r];
+                pm[r] = m[srow(hi, r)];
+                pl[r] = l[srow(hi, r)];
             }
         }
         return;
@@ -1304,7 +1340,7 @@ fn run_item<
                     let (ia, ha) = row_of(it.g0 + hi, r + PACK_AHEAD);
                     ctx.sink.prefetch_row(it.b, ia, ha);
                 }
-                let x = hi * rs + r;
+                let x = srow(hi, r);
                 let orow = &o[hi * o_len + r * dvq..][..dv];
                 finish_row(ctx, it.b, i, h, m[x] as f64, l[x] as f64, orow, out);
             }
@@ -1320,7 +1356,7 @@ fn run_item<
             }
             for (rr, orow) in blk.chunks_exact(dv).take(nb).enumerate() {
                 let (i, h) = row_of(it.g0 + hi, r0 + rr);
-                let x = hi * rs + r0 + rr;
+                let x = srow(hi, r0 + rr);
                 finish_row(ctx, it.b, i, h, m[x] as f64, l[x] as f64, orow, out);
             }
         }
@@ -1555,6 +1591,55 @@ pub(crate) unsafe fn merge_group<Q, KV, O: Element>(ctx: &Ctx<'_, Q, KV, O>, gro
             }
             finish_row(ctx, it.b, i, h, mx, l, &acc, &mut out);
         }
+    }
+}
+
+/// Scores to probabilities for `nr` rows of S (`sc.st`, row stride `rs`), whose row
+/// state (and ALiBi lanes) is block `hb` of `rs` floats, and which map to `(i, h)`
+/// through `row_of`: the modifiers, the partial mask (-inf outside each row's keys),
+/// then the online softmax, which writes P in place or, with `il`, interleaved into
+/// `sc.pi` (`bcp` keys per row vector).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn scores_to_p<S: Simd, Q, KV, O>(
+    simd: S,
+    ctx: &Ctx<'_, Q, KV, O>,
+    b: usize,
+    sc: &mut Scratch<S>,
+    hb: usize,
+    (ju, n, pbase): (usize, usize, i64),
+    class: TileClass,
+    nr: usize,
+    rs: usize,
+    row_of: &impl Fn(usize) -> (usize, usize),
+    c_dom: f32,
+    il: bool,
+    bcp: usize,
+) {
+    let (rsv, nvec) = (rs / S::F32_LANES, nr.div_ceil(S::F32_LANES));
+    if ctx.modified {
+        apply_modifiers(simd, ctx, b, sc, hb, (ju, n, pbase), nr, nvec, rs, row_of);
+    }
+    if class == TileClass::Partial {
+        let st = floats_mut::<S>(&mut sc.st);
+        for r in 0..nr {
+            let (lo, hi) = ctx.mask.key_range(ctx.mask.pos(row_of(r).0));
+            let a = (lo - ju as i64).clamp(0, n as i64) as usize;
+            let e = (hi - ju as i64).clamp(a as i64, n as i64) as usize;
+            for j in (0..a).chain(e..n) {
+                st[j * rs + r] = f32::NEG_INFINITY;
+            }
+        }
+    }
+    let mut sm = OnlineSoftmax::<S> {
+        m: &mut sc.m[hb * rsv..][..nvec],
+        l: &mut sc.l[hb * rsv..][..nvec],
+    };
+    let al = &mut sc.alpha[hb * rsv..][..nvec];
+    if il {
+        sm.update::<true>(simd, &mut sc.st, rsv, n, c_dom, al, &mut sc.pi, bcp);
+    } else {
+        sm.update::<false>(simd, &mut sc.st, rsv, n, c_dom, al, &mut [], 0);
     }
 }
 
