@@ -381,9 +381,9 @@ fn evict(buf: &[u8]) {
     black_box(x);
 }
 
-/// Reads `buf` on the threads that will run the next call, a share each (see [`evict`]):
-/// every core's caches are then cold, and the pool's threads have just run, as after an
-/// engine's previous operation on all cores.
+/// Reads `buf` (see [`evict`]) in shares: one on the calling thread, then one on each
+/// thread of rayon's global pool, so that every core's caches are cold and the pool's
+/// threads have just run, as after an engine's previous operation on all cores.
 ///
 /// The timed calls run on the main thread (as an engine's own thread would call), with
 /// `Attention::threads(n)`: for more than 1 thread, tasks on rayon's global pool join it.
@@ -395,9 +395,14 @@ fn evict(buf: &[u8]) {
 fn evict_for(threads: usize, buf: &[u8]) {
     #[cfg(feature = "rayon")]
     if threads > 1 {
-        let share = buf.len().div_ceil(rayon::current_num_threads());
+        let share = buf.len().div_ceil(rayon::current_num_threads() + 1);
+        let mut chunks = buf.chunks(share);
+        if let Some(own) = chunks.next() {
+            evict(own);
+        }
+        let rest: Vec<&[u8]> = chunks.collect();
         rayon::broadcast(|ctx| {
-            if let Some(chunk) = buf.chunks(share).nth(ctx.index()) {
+            if let Some(chunk) = rest.get(ctx.index()) {
                 evict(chunk);
             }
         });

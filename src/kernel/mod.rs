@@ -481,10 +481,11 @@ struct Scratch<S: Simd> {
     k: Buf<S>,
     v: Buf<S>,
     st: Buf<S>,
-    /// Per head of a multi-head item of dot products (decode), the scores of the tile,
-    /// written by the sweep over every head. A head's buffer is swapped with `st` for its
-    /// softmax and PV rather than copied into it (the copies, a call to memmove per head
-    /// and tile, took ~3 % of decode's time); all of them are `bcp · rs` floats or more.
+    /// Per head of a multi-head item of dot products whose P is interleaved (AVX-512,
+    /// NEON decode), the scores of the tile, written by the sweep over every head. A
+    /// head's buffer is swapped with `st` for its softmax and PV, and back, rather than
+    /// copied into it (the copies, a call to memmove per head and tile, were ~3 % of the
+    /// profile of AVX2 decode before it shared one S); each is `bcp · rs` floats or more.
     sall: Vec<Buf<S>>,
     /// P interleaved by row vector (`rsv` runs of `bcp` key vectors), for row-major PV
     /// blocks that stay within one vector of rows.
@@ -672,7 +673,7 @@ fn run_item<
     // over full vectors (8 heads × 4 rows: 4 vectors) instead of once per head over one
     // vector half filled with padding. PV reads each head's rows at their offset; a head's
     // padding rows read the next head's P (or padding), which only reach padding rows
-    // of its O. `rs_v` covers the last head's widest PV block.
+    // of its O. `rs_s` covers the last head's widest PV block.
     let virt = dot && !il;
     let (nr_s, rs_s) = if virt {
         let widest = nr.next_multiple_of(OR).max(4);
@@ -702,7 +703,7 @@ fn run_item<
             .is_some_and(|(_, vs)| vs.is_multiple_of(lanes));
     ensure(&mut sc.k, kv_heads * bcp * kst);
     ensure(&mut sc.v, kv_heads * bck * vrow);
-    // (nh·rs floats of row state cover rs_v: rs ≥ nr and rs ≥ the widest PV block.)
+    // (nh·rs floats of row state cover rs_s: rs ≥ nr and rs ≥ the widest PV block.)
     debug_assert!(rs_s <= nh * rs);
     ensure(&mut sc.st, bcp * rs_s);
     if dot && !virt {
@@ -980,7 +981,15 @@ fn run_item<
                 );
             }
         }
+        // The head whose scores are in `sc.st` (swapped in from `sc.sall`), swapped back
+        // before the next head's and after the last: `st` keeps its own buffer, sized
+        // for every item this scratch runs (rotating them, a prefill-sized `st` could
+        // land in `sall` and make each item regrow another).
+        let mut swapped = None;
         for hi in 0..nh {
+            if let Some(h) = swapped.take() {
+                core::mem::swap(&mut sc.st, &mut sc.sall[h]);
+            }
             let g = it.g0 + hi;
             let nkb = n.div_ceil(MK);
             // Keys [lo, hi) of this tile (relative to ju) that rows ra..rb can see: on a
@@ -1082,6 +1091,7 @@ fn run_item<
             if dot && !virt {
                 // This head's scores, computed by the sweep above, become S.
                 core::mem::swap(&mut sc.st, &mut sc.sall[hi]);
+                swapped = Some(hi);
             }
             // S = K̂·Qᵀ (dot-product items: computed by the sweep above).
             if !dot {
@@ -1289,6 +1299,9 @@ fn run_item<
                 }
                 rb += w;
             }
+        }
+        if let Some(h) = swapped {
+            core::mem::swap(&mut sc.st, &mut sc.sall[h]);
         }
     }
 
