@@ -101,9 +101,11 @@ fn attention(c: &mut Criterion) {
                 if causal {
                     attn = attn.causal();
                 }
-                if threads == 1 {
-                    attn = attn.threads(1); // the calling thread; else the installed pool
-                }
+                // Called from the bench's thread, as an engine's own thread would call:
+                // for more than 1 thread, tasks on rayon's global pool (one thread per
+                // core) join it. (Inside `ThreadPool::install` the caller would sleep
+                // while a pool thread is woken to make the call.)
+                attn = attn.threads(threads);
                 let mut call = || {
                     let qt = Tensor::bshd(&q, [b, sq, hq, d]).unwrap();
                     let kt = Tensor::bshd(&k, [b, skv, hkv, d]).unwrap();
@@ -112,20 +114,7 @@ fn attention(c: &mut Criterion) {
                     attn.forward(black_box(qt), kt, vt, &mut ot).unwrap();
                 };
                 let bench_id = BenchmarkId::new(backend.name(), format!("t{threads}"));
-                if threads == 1 {
-                    group.bench_function(bench_id, |bench| bench.iter(&mut call));
-                } else {
-                    #[cfg(feature = "rayon")]
-                    {
-                        let pool = rayon::ThreadPoolBuilder::new()
-                            .num_threads(threads)
-                            .build()
-                            .expect("rayon pool");
-                        group.bench_function(bench_id, |bench| {
-                            bench.iter(|| pool.install(&mut call))
-                        });
-                    }
-                }
+                group.bench_function(bench_id, |bench| bench.iter(&mut call));
             }
         }
         group.finish();
