@@ -481,12 +481,10 @@ struct Scratch<S: Simd> {
     k: Buf<S>,
     v: Buf<S>,
     st: Buf<S>,
-    /// Per head of a multi-head item of dot products whose P is interleaved (AVX-512,
-    /// NEON decode), the scores of the tile, written by the sweep over every head. A
-    /// head's buffer is swapped with `st` for its softmax and PV, and back, rather than
-    /// copied into it (the copies, a call to memmove per head and tile, were ~3 % of the
-    /// profile of AVX2 decode before it shared one S); each is `bcp · rs` floats or more.
-    sall: Vec<Buf<S>>,
+    /// Scores of every head of a multi-head item of dot products whose P is interleaved
+    /// (AVX-512, NEON decode), written by the sweep over every head and copied into `st`
+    /// head by head (AVX2 decode writes every head's rows into `st` itself).
+    sall: Buf<S>,
     /// P interleaved by row vector (`rsv` runs of `bcp` key vectors), for row-major PV
     /// blocks that stay within one vector of rows.
     pi: Buf<S>,
@@ -524,7 +522,7 @@ impl<S: Simd> Scratch<S> {
             k: Buf::new(),
             v: Buf::new(),
             st: Buf::new(),
-            sall: Vec::new(),
+            sall: Buf::new(),
             pi: Buf::new(),
             o: Buf::new(),
             m: Buf::new(),
@@ -707,12 +705,7 @@ fn run_item<
     debug_assert!(rs_s <= nh * rs);
     ensure(&mut sc.st, bcp * rs_s);
     if dot && !virt {
-        if sc.sall.len() < nh {
-            sc.sall.resize_with(nh, Buf::new);
-        }
-        for s in &mut sc.sall[..nh] {
-            ensure(s, bcp * rs);
-        }
+        ensure(&mut sc.sall, nh * bcp * rs);
     }
     let k_len = bcp * kst; // floats of one head's K̂
     let v_len = bck * vrow; // floats of one head's V̂
@@ -944,13 +937,13 @@ fn run_item<
                     }
                     let qh = &sc.qr[hi * nr * dv_..][..nr * dv_];
                     // Rows off..off + nr of keys j, j + 1: in S (`virt`), else in the
-                    // head's own scores.
-                    let (buf, off, stride) = if virt {
-                        (&mut sc.st, hi * nr, rs_s)
+                    // head's block of `sall` (key rows from key0).
+                    let (buf, off, stride, key0) = if virt {
+                        (&mut sc.st, hi * nr, rs_s, j)
                     } else {
-                        (&mut sc.sall[hi], 0, rs)
+                        (&mut sc.sall, 0, rs, hi * bcp + j)
                     };
-                    let srows = &mut floats_mut::<S>(buf)[j * stride..][..nk * stride];
+                    let srows = &mut floats_mut::<S>(buf)[key0 * stride..][..nk * stride];
                     let (s0, s1) = srows.split_at_mut(stride);
                     let s0 = &mut s0[off..off + nr];
                     if nk == 2 {
@@ -981,15 +974,7 @@ fn run_item<
                 );
             }
         }
-        // The head whose scores are in `sc.st` (swapped in from `sc.sall`), swapped back
-        // before the next head's and after the last: `st` keeps its own buffer, sized
-        // for every item this scratch runs (rotating them, a prefill-sized `st` could
-        // land in `sall` and make each item regrow another).
-        let mut swapped = None;
         for hi in 0..nh {
-            if let Some(h) = swapped.take() {
-                core::mem::swap(&mut sc.st, &mut sc.sall[h]);
-            }
             let g = it.g0 + hi;
             let nkb = n.div_ceil(MK);
             // Keys [lo, hi) of this tile (relative to ju) that rows ra..rb can see: on a
@@ -1089,9 +1074,9 @@ fn run_item<
             }
 
             if dot && !virt {
-                // This head's scores, computed by the sweep above, become S.
-                core::mem::swap(&mut sc.st, &mut sc.sall[hi]);
-                swapped = Some(hi);
+                // This head's scores, computed by the sweep above.
+                let src = &floats::<S>(&sc.sall)[hi * bcp * rs..][..n * rs];
+                floats_mut::<S>(&mut sc.st)[..n * rs].copy_from_slice(src);
             }
             // S = K̂·Qᵀ (dot-product items: computed by the sweep above).
             if !dot {
@@ -1299,9 +1284,6 @@ fn run_item<
                 }
                 rb += w;
             }
-        }
-        if let Some(h) = swapped {
-            core::mem::swap(&mut sc.st, &mut sc.sall[h]);
         }
     }
 
