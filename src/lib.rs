@@ -33,8 +33,9 @@
 //!    first): with `c·log2 e ≤ 1` the exponent is one FMA, `x·c·log2 e − fl(m·c·log2 e)`,
 //!    whose shift is common to the row and used as such by α, `l`, the LSE and the split
 //!    merge; otherwise the running max is subtracted before the scale enters it.
-//! 6. Decode sweeps every kv head's rows of a key range in one pass, prefetching the
-//!    next tile while computing this one, and splits long KV ranges across threads
+//! 6. Decode sweeps every kv head's rows of a key range in one pass (one S and one
+//!    online softmax for all of them), prefetching the next tile while computing this
+//!    one, and splits long KV ranges across threads
 //!    (merged in a fixed order, so results stay bit-identical for every thread count).
 //!
 //! ```

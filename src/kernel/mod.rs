@@ -481,10 +481,6 @@ struct Scratch<S: Simd> {
     k: Buf<S>,
     v: Buf<S>,
     st: Buf<S>,
-    /// Scores of every head of a multi-head item of dot products whose P is interleaved
-    /// (AVX-512, NEON decode), written by the sweep over every head and copied into `st`
-    /// head by head (AVX2 decode writes every head's rows into `st` itself).
-    sall: Buf<S>,
     /// P interleaved by row vector (`rsv` runs of `bcp` key vectors), for row-major PV
     /// blocks that stay within one vector of rows.
     pi: Buf<S>,
@@ -522,7 +518,6 @@ impl<S: Simd> Scratch<S> {
             k: Buf::new(),
             v: Buf::new(),
             st: Buf::new(),
-            sall: Buf::new(),
             pi: Buf::new(),
             o: Buf::new(),
             m: Buf::new(),
@@ -652,28 +647,27 @@ fn run_item<
     ] {
         ensure(v, nh * rs);
     }
-    // Row-major PV blocks that never straddle two row vectors read P interleaved by row
-    // vector: each key's OR probabilities then sit one line after the previous key's
-    // (in the key-major S they are a whole S row apart, a new line per key); the PV
-    // block alone ran 8–9 % faster so.
-    let il = o_rows && lanes.is_multiple_of(OR);
-    if il {
-        ensure(&mut sc.pi, bcp * rs);
-    }
     // Multi-head items of one row vector (decode) compute S as dot products along the
     // head dim (K̂ and Q rows in vectors, one horizontal sum per score): the broadcast
     // block would fill one lane in four for a GQA group of 4. K̂ rows are then padded to
     // whole vectors, with zeros.
     let dot = o_rows && nh > 1;
-    // Dot-product items whose P is read from S (AVX2: its 6-row PV blocks straddle row
-    // vectors) hold every head's rows in one S and one row state, head after head
-    // (`virt`): row `hi·nr + r` is row r of head hi. The softmax then runs once per tile
-    // over full vectors (8 heads × 4 rows: 4 vectors) instead of once per head over one
-    // vector half filled with padding. PV reads each head's rows at their offset; a head's
+    // Row-major PV blocks that never straddle two row vectors read P interleaved by row
+    // vector: each key's OR probabilities then sit one line after the previous key's
+    // (in the key-major S they are a whole S row apart, a new line per key); the PV
+    // block alone ran 8–9 % faster so. Not dot-product items, whose P stays in S (below).
+    let il = o_rows && lanes.is_multiple_of(OR) && !dot;
+    if il {
+        ensure(&mut sc.pi, bcp * rs);
+    }
+    // Dot-product items hold every head's rows in one S and one row state, head after
+    // head: row `hi·nr + r` is row r of head hi. The softmax then runs once per
+    // tile over full vectors (8 heads × 4 rows: 4 vectors on AVX2, 2 on AVX-512) instead
+    // of once per head over one vector mostly filled with padding (on AVX2, decode with
+    // 1024 keys ran 12 % faster so). PV reads each head's rows at their offset; a head's
     // padding rows read the next head's P (or padding), which only reach padding rows
     // of its O. `rs_s` covers the last head's widest PV block.
-    let virt = dot && !il;
-    let (nr_s, rs_s) = if virt {
+    let (nr_s, rs_s) = if dot {
         let widest = nr.next_multiple_of(OR).max(4);
         (nh * nr, ((nh - 1) * nr + widest).next_multiple_of(lanes))
     } else {
@@ -681,7 +675,7 @@ fn run_item<
     };
     let (rsv_s, nvec_s) = (rs_s / lanes, nr_s.div_ceil(lanes));
     // Index of row r of head hi in the row state (m, l, α, ALiBi lanes).
-    let srow = |hi: usize, r: usize| if virt { hi * nr + r } else { hi * rs + r };
+    let srow = |hi: usize, r: usize| if dot { hi * nr + r } else { hi * rs + r };
     let dqkp = dqk.next_multiple_of(lanes);
     let kst = if dot { dqkp } else { dqk }; // K̂ row stride
     if dot {
@@ -704,9 +698,6 @@ fn run_item<
     // (nh·rs floats of row state cover rs_s: rs ≥ nr and rs ≥ the widest PV block.)
     debug_assert!(rs_s <= nh * rs);
     ensure(&mut sc.st, bcp * rs_s);
-    if dot && !virt {
-        ensure(&mut sc.sall, nh * bcp * rs);
-    }
     let k_len = bcp * kst; // floats of one head's K̂
     let v_len = bck * vrow; // floats of one head's V̂
 
@@ -793,7 +784,7 @@ fn run_item<
                 ps[srow(hi, r)] = (ctx.mask.pos(i) - pbase) as f32;
             }
         }
-        if !virt || hi == 0 {
+        if !dot || hi == 0 {
             let mut sm = OnlineSoftmax::<S> {
                 m: &mut sc.m[hi * rsv_s..][..nvec_s],
                 l: &mut sc.l[hi * rsv_s..][..nvec_s],
@@ -936,15 +927,10 @@ fn run_item<
                         prefetch_v(g, j, j + nk);
                     }
                     let qh = &sc.qr[hi * nr * dv_..][..nr * dv_];
-                    // Rows off..off + nr of keys j, j + 1: in S (`virt`), else in the
-                    // head's block of `sall` (key rows from key0).
-                    let (buf, off, stride, key0) = if virt {
-                        (&mut sc.st, hi * nr, rs_s, j)
-                    } else {
-                        (&mut sc.sall, 0, rs, hi * bcp + j)
-                    };
-                    let srows = &mut floats_mut::<S>(buf)[key0 * stride..][..nk * stride];
-                    let (s0, s1) = srows.split_at_mut(stride);
+                    // Rows off..off + nr of S, keys j and j + 1.
+                    let off = hi * nr;
+                    let srows = &mut floats_mut::<S>(&mut sc.st)[j * rs_s..][..nk * rs_s];
+                    let (s0, s1) = srows.split_at_mut(rs_s);
                     let s0 = &mut s0[off..off + nr];
                     if nk == 2 {
                         let k = [krow(hi, j), krow(hi, j + 1)];
@@ -952,27 +938,20 @@ fn run_item<
                     } else {
                         dot_rows::<S, 1>(simd, [krow(hi, j)], qh, dv_, [s0]);
                     }
-                    if !virt {
-                        // Lanes past the rows: finite, like the broadcast block leaves them.
-                        for srow in srows.chunks_exact_mut(rs) {
-                            srow[nr..nvec * lanes].fill(0.0);
-                        }
-                    }
                 }
                 j += nk;
             }
-            if virt {
-                let st = floats_mut::<S>(&mut sc.st);
-                for srow in st.chunks_exact_mut(rs_s).take(n) {
-                    srow[nr_s..nvec_s * lanes].fill(0.0);
-                }
-                // Every head's rows at once.
-                let rows = |x: usize| row_of(it.g0 + x / nr, x % nr);
-                let tile = (ju, n, pbase);
-                scores_to_p(
-                    simd, ctx, it.b, sc, 0, tile, class, nr_s, rs_s, &rows, c_dom, il, bcp,
-                );
+            // Lanes past the rows: finite, like the broadcast block leaves them.
+            let st = floats_mut::<S>(&mut sc.st);
+            for srow in st.chunks_exact_mut(rs_s).take(n) {
+                srow[nr_s..nvec_s * lanes].fill(0.0);
             }
+            // Every head's rows at once; P stays in S (not interleaved).
+            let rows = |x: usize| row_of(it.g0 + x / nr, x % nr);
+            let tile = (ju, n, pbase);
+            scores_to_p(
+                simd, ctx, it.b, sc, 0, tile, class, nr_s, rs_s, &rows, c_dom, false, bcp,
+            );
         }
         for hi in 0..nh {
             let g = it.g0 + hi;
@@ -1073,11 +1052,6 @@ fn run_item<
                 vsrc.0 = unsafe { (sc.v.as_ptr() as *const f32).add(v_off) };
             }
 
-            if dot && !virt {
-                // This head's scores, computed by the sweep above.
-                let src = &floats::<S>(&sc.sall)[hi * bcp * rs..][..n * rs];
-                floats_mut::<S>(&mut sc.st)[..n * rs].copy_from_slice(src);
-            }
             // S = K̂·Qᵀ (dot-product items: computed by the sweep above).
             if !dot {
                 assert!(cache || k_off + (nkb - kd_blocks) * MK * dqk <= sc.k.len() * lanes);
@@ -1146,7 +1120,7 @@ fn run_item<
                 }
             }
 
-            if !virt {
+            if !dot {
                 let rows = |r: usize| row_of(g, r);
                 let tile = (ju, n, pbase);
                 scores_to_p(
@@ -1166,11 +1140,11 @@ fn run_item<
             if o_rows {
                 // O = α·O + P·V̂ over blocks of OR rows × NVO column vectors. P of row r
                 // and key j: interleaved at (r / lanes, j, r % lanes), or S's (j, r) (row
-                // hi·nr + r of S with `virt`).
+                // hi·nr + r of S for dot-product items).
                 let (pp, p_key) = if il {
                     (sc.pi.as_ptr() as *const f32, lanes)
                 } else {
-                    let off = if virt { hi * nr } else { 0 };
+                    let off = if dot { hi * nr } else { 0 };
                     ((sc.st.as_ptr() as *const f32).wrapping_add(off), rs_s)
                 };
                 let p_at = |r: usize| {
@@ -1180,8 +1154,9 @@ fn run_item<
                         r
                     }
                 };
-                // Both layouts hold rsv (S: rsv_s) row vectors × bcp ≥ n keys; with `virt`
-                // this head's rows start at hi·nr, and its PV blocks end by rs_s.
+                // Both layouts hold rsv (S: rsv_s) row vectors × bcp ≥ n keys; in a
+                // dot-product item's S this head's rows start at hi·nr, and its PV blocks
+                // end by rs_s.
                 assert!(n <= bcp && bcp * rsv_s <= if il { sc.pi.len() } else { sc.st.len() });
                 let vv = vp as *const S::f32s;
                 debug_assert!(vstride.is_multiple_of(lanes));
@@ -1228,7 +1203,7 @@ fn run_item<
                     while cb < dvqv {
                         let w = (dvqv - cb).min(NVO);
                         // SAFETY: P of keys klo ≤ j < khi ≤ n and rows r0..r0+OR ≤ rs from
-                        // `pp` (with `virt`, S rows hi·nr + r0 + OR ≤ rs_s) (asserted; an
+                        // `pp` (dot-product items: S rows hi·nr + r0 + OR ≤ rs_s) (asserted; an
                         // OR-row block stays within one row vector when interleaved);
                         // V̂ rows j < n, vectors cb..cb+w ≤ dvqv ≤ vrow/lanes (packed in
                         // `sc.v`, asserted above); O rows r0..r0+OR ≤ rs of dvqv vectors
