@@ -65,11 +65,20 @@ impl Element for f32 {
     }
 }
 
-// `half`'s slice conversions detect F16C / NEON fp16 at run time and vectorise.
 impl Element for f16 {
     const NAME: &'static str = "f16";
+    /// With F16C, 8 values per `vcvtph2ps` in one call per row: `half`'s slice
+    /// conversion detects F16C too, but calls a function per 8 values through a copy,
+    /// and decode over an f16 KV cache spent 45 % of its time there.
     #[inline(always)]
     fn load_row(src: &[f16], dst: &mut [f32]) {
+        assert_eq!(src.len(), dst.len());
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("f16c") {
+            // SAFETY: the CPU has F16C (and so AVX); the lengths agree (asserted).
+            unsafe { f16c_to_f32(src, dst) };
+            return;
+        }
         half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, dst);
     }
     #[inline(always)]
@@ -86,11 +95,38 @@ impl Element for f16 {
     }
 }
 
+/// `src` to f32 by F16C. The caller checks that the CPU has F16C and that the lengths
+/// agree.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+unsafe fn f16c_to_f32(src: &[f16], dst: &mut [f32]) {
+    use core::arch::x86_64::{__m128i, _mm_loadu_si128, _mm256_cvtph_ps, _mm256_storeu_ps};
+    let n = src.len();
+    let mut i = 0;
+    while i + 8 <= n {
+        // SAFETY: values i..i + 8 < n of both slices (n = dst.len(), by the caller).
+        unsafe {
+            let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
+            _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+        }
+        i += 8;
+    }
+    for (d, s) in dst[i..].iter_mut().zip(&src[i..]) {
+        *d = s.to_f32();
+    }
+}
+
 impl Element for bf16 {
     const NAME: &'static str = "bf16";
+    /// A bf16 is the high half of an f32: one shift per value, which the compiler
+    /// vectorises. (`half`'s slice conversion quiets signalling NaNs on the way, a
+    /// per-value branch that made it several times slower; a NaN stays a NaN here too.)
     #[inline(always)]
     fn load_row(src: &[bf16], dst: &mut [f32]) {
-        half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, dst);
+        assert_eq!(src.len(), dst.len());
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = f32::from_bits(u32::from(s.to_bits()) << 16);
+        }
     }
     #[inline(always)]
     fn store_row(src: &[f32], dst: &mut [bf16]) {

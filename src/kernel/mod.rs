@@ -628,9 +628,7 @@ fn run_item<
 
     // Scratch: per head, Qᵀ (dqk × rs, by slabs), Oᵀ (dvp × rs) or O (rs × dvq) and rsv vectors
     // of row state;
-    // shared by the heads, S (bcp × rs); K̂ and V̂ per head when several heads share a tile
-    // sweep (multi-head items pack every head of a key range in one pass).
-    let kv_heads = if nh > 1 { nh } else { 1 };
+    // shared by the heads, S (bcp × rs), K̂ and V̂.
     // Qᵀ is stored slab by slab (NVQ row vectors × dqk, contiguous): a QK pass then
     // reads one dense run instead of NVQ vectors of rows `rs` floats apart.
     let sw = NVQ * lanes;
@@ -693,13 +691,14 @@ fn run_item<
             .kv
             .v_in_place(it.b, it.g0, 0)
             .is_some_and(|(_, vs)| vs.is_multiple_of(lanes));
-    ensure(&mut sc.k, kv_heads * bcp * kst);
-    ensure(&mut sc.v, kv_heads * bck * vrow);
+    // K̂: a tile of one head, or (dot-product items) the two keys of one score pass; V̂:
+    // a tile of one head. Rows that are not read in place are converted into them just
+    // before use, so they stay in L1.
+    ensure(&mut sc.k, if dot { 2 * kst } else { bcp * kst });
+    ensure(&mut sc.v, bck * vrow);
     // (nh·rs floats of row state cover rs_s: rs ≥ nr and rs ≥ the widest PV block.)
     debug_assert!(rs_s <= nh * rs);
     ensure(&mut sc.st, bcp * rs_s);
-    let k_len = bcp * kst; // floats of one head's K̂
-    let v_len = bck * vrow; // floats of one head's V̂
 
     // Single-head items use the head's cached panels (K̂ blocks read as MK consecutive
     // floats per step; V̂ column blocks as one run each, or V̂ rows for row-major PV)
@@ -867,51 +866,20 @@ fn run_item<
                 }
             }
         };
-        if nh > 1 && !in_place {
-            // One sweep over the key range for every head of the item. f32 rows are
-            // copied by an inlined vector loop: 1024 calls to memcpy per tile of
-            // decode c cost more than a tenth of its time.
-            let f32_kv = ctx.kv.k_in_place(it.b, it.g0, ju).is_some()
-                && ctx.kv.v_in_place(it.b, it.g0, ju).is_some();
-            for jj in 0..n {
-                for hi in 0..nh {
-                    let g = it.g0 + hi;
-                    let k = &mut floats_mut::<S>(&mut sc.k)[hi * k_len + jj * kst..][..kst];
-                    let (k, pad) = k.split_at_mut(dqk);
-                    pad.fill(0.0); // the dot products read whole vectors
-                    match ctx.kv.k_in_place(it.b, g, ju + jj).filter(|_| f32_kv) {
-                        Some((src, _)) => copy_row::<S>(&src[..dqk], k),
-                        None => ctx.kv.pack_k(it.b, g, ju + jj, 1, k, dqk),
-                    }
-                    let v = &mut floats_mut::<S>(&mut sc.v)[hi * v_len + jj * vrow..][..dv];
-                    match ctx.kv.v_in_place(it.b, g, ju + jj).filter(|_| f32_kv) {
-                        Some((src, _)) => copy_row::<S>(&src[..dv], v),
-                        None => ctx.kv.pack_v(it.b, g, ju + jj, 1, v, dv),
-                    }
-                }
-            }
-        }
         if dot {
             // Scores of every head, key by key (two keys per pass where two are left:
             // eight FMA chains instead of four). In BSHD a position's heads are
             // adjacent, so K is read in address order, which the hardware prefetchers
             // stream; head by head, each key row was a page from the last, and on Zen 3
             // decode c ran 15–20 % slower. The next tile's K rows (and V rows, when they
-            // are copied) are prefetched in the same order.
+            // are converted) are prefetched in the same order.
             let dv_ = dqkp / lanes;
-            // K rows in place: key jj of head hi at jj·sj + hi·sh; else K̂ rows.
+            // K rows in place: key jj of head hi at jj·sj + hi·sh.
             let kin = if in_place {
                 let (src, sj) = ctx.kv.k_in_place(it.b, it.g0, ju).expect("f32 K");
                 Some((src, sj, ctx.kv.k.strides[2]))
             } else {
                 None
-            };
-            let kh: &[S::f32s] = &sc.k;
-            let krow = |hi: usize, jj: usize| -> &[S::f32s] {
-                match kin {
-                    Some((src, sj, sh)) => bytemuck::cast_slice(&src[jj * sj + hi * sh..][..dqk]),
-                    None => &kh[(hi * k_len + jj * kst) / lanes..][..dv_],
-                }
             };
             let mut j = 0;
             while j < n {
@@ -926,6 +894,31 @@ fn run_item<
                     if !in_place {
                         prefetch_v(g, j, j + nk);
                     }
+                    // Otherwise keys j.. of head g are converted (or copied) into K̂,
+                    // padded with zeros: the dot products read whole vectors.
+                    if kin.is_none() {
+                        for (x, k) in floats_mut::<S>(&mut sc.k)
+                            .chunks_exact_mut(kst)
+                            .take(nk)
+                            .enumerate()
+                        {
+                            let (k, pad) = k.split_at_mut(dqk);
+                            let jj = ju + j + x;
+                            fetch_row::<S>(ctx.kv.k_in_place(it.b, g, jj), k, |dst| {
+                                ctx.kv.pack_k(it.b, g, jj, 1, dst, dqk)
+                            });
+                            pad.fill(0.0);
+                        }
+                    }
+                    let kh: &[S::f32s] = &sc.k;
+                    let krow = |jj: usize| -> &[S::f32s] {
+                        match kin {
+                            Some((src, sj, sh)) => {
+                                bytemuck::cast_slice(&src[jj * sj + hi * sh..][..dqk])
+                            }
+                            None => &kh[(jj - j) * kst / lanes..][..dv_],
+                        }
+                    };
                     let qh = &sc.qr[hi * nr * dv_..][..nr * dv_];
                     // Rows off..off + nr of S, keys j and j + 1.
                     let off = hi * nr;
@@ -933,10 +926,10 @@ fn run_item<
                     let (s0, s1) = srows.split_at_mut(rs_s);
                     let s0 = &mut s0[off..off + nr];
                     if nk == 2 {
-                        let k = [krow(hi, j), krow(hi, j + 1)];
+                        let k = [krow(j), krow(j + 1)];
                         dot_rows::<S, 2>(simd, k, qh, dv_, [s0, &mut s1[off..off + nr]]);
                     } else {
-                        dot_rows::<S, 1>(simd, [krow(hi, j)], qh, dv_, [s0]);
+                        dot_rows::<S, 1>(simd, [krow(j)], qh, dv_, [s0]);
                     }
                 }
                 j += nk;
@@ -970,11 +963,10 @@ fn run_item<
                 let hi = (hi - ju as i64).clamp(lo as i64, n as i64) as usize;
                 (lo, hi)
             };
-            // K: with one head per item, full key blocks are read in place when K is
-            // f32 (no copy); the tail block, other types and multi-head items use K̂.
+            // K (broadcast QK): full key blocks are read in place when K is f32 (no
+            // copy); the tail block and other types use K̂.
             let mut kd_blocks = 0;
             let mut kd: (*const f32, usize) = (core::ptr::null(), 0);
-            let k_off = if nh > 1 { hi * k_len } else { 0 };
             // The head's cached panels of this tile, packed first if no earlier item on
             // this scratch did.
             let mut cached: (*const f32, *const f32) = (core::ptr::null(), core::ptr::null());
@@ -1006,7 +998,7 @@ fn run_item<
                     )
                 };
             }
-            if nh == 1 && !cache {
+            if !dot && !cache {
                 if let Some((src, stride)) = ctx.kv.k_in_place(it.b, g, ju) {
                     kd_blocks = n / MK;
                     if kd_blocks > 0 {
@@ -1021,8 +1013,8 @@ fn run_item<
                         .pack_k(it.b, g, ju + kd_blocks * MK, packed_keys, dst, dqk);
                 }
             }
-            // V: with one head per item, read in place when it is f32 and its columns
-            // fill whole PV blocks; else packed into V̂ (rows of vrow floats, whose padding
+            // V: read in place when it is f32 and its columns fill whole PV blocks (for
+            // dot-product items, whole vectors); else packed into V̂ (rows of vrow floats, whose padding
             // columns only ever reach padding columns of O). PV broadcasts V, so in place it costs no copy, and rows
             // that share an L1 set (BSHD rows 4 KiB apart) cost one L2 read per key.
             let mut vsrc: (*const f32, usize) = (core::ptr::null(), vrow);
@@ -1032,7 +1024,7 @@ fn run_item<
                 let (src, stride) = ctx.kv.v_in_place(it.b, g, ju).expect("f32 V");
                 assert!(n > 0 && (n - 1) * stride + dv <= src.len());
                 vsrc = (src.as_ptr(), stride);
-            } else if nh == 1
+            } else if !dot
                 && !o_rows
                 && n > 0
                 && dv.is_multiple_of(MC)
@@ -1042,19 +1034,24 @@ fn run_item<
                 vsrc = (src.as_ptr(), stride);
             }
             if vsrc.0.is_null() {
-                let v_off = if nh > 1 { hi * v_len } else { 0 };
-                assert!(v_off + n * vrow <= sc.v.len() * lanes);
-                if nh == 1 {
-                    ctx.kv
-                        .pack_v(it.b, g, ju, n, floats_mut::<S>(&mut sc.v), vrow);
+                assert!(n * vrow <= sc.v.len() * lanes);
+                let vh = floats_mut::<S>(&mut sc.v);
+                if dot {
+                    // Row by row, f32 rows by the inlined copy.
+                    for (jj, v) in vh.chunks_exact_mut(vrow).take(n).enumerate() {
+                        fetch_row::<S>(ctx.kv.v_in_place(it.b, g, ju + jj), &mut v[..dv], |dst| {
+                            ctx.kv.pack_v(it.b, g, ju + jj, 1, dst, dv)
+                        });
+                    }
+                } else {
+                    ctx.kv.pack_v(it.b, g, ju, n, vh, vrow);
                 }
-                // SAFETY: in bounds of `sc.v` (asserted).
-                vsrc.0 = unsafe { (sc.v.as_ptr() as *const f32).add(v_off) };
+                vsrc.0 = sc.v.as_ptr() as *const f32;
             }
 
             // S = K̂·Qᵀ (dot-product items: computed by the sweep above).
             if !dot {
-                assert!(cache || k_off + (nkb - kd_blocks) * MK * dqk <= sc.k.len() * lanes);
+                assert!(cache || (nkb - kd_blocks) * MK * dqk <= sc.k.len() * lanes);
                 assert!(nkb * MK * dqk <= kc_tile);
                 assert!((hi + 1) * qt_len <= sc.qt.len() * lanes);
                 assert!(nkb * MK * rsv <= sc.st.len() && nvec <= rsv);
@@ -1090,11 +1087,7 @@ fn run_item<
                             (unsafe { kd.0.add(kb * MK * kd.1) }, kd.1, 1)
                         } else {
                             // SAFETY: packed blocks fit in `sc.k` (asserted above).
-                            (
-                                unsafe { kp.add(k_off + (kb - kd_blocks) * MK * dqk) },
-                                dqk,
-                                1,
-                            )
+                            (unsafe { kp.add((kb - kd_blocks) * MK * dqk) }, dqk, 1)
                         };
                         // SAFETY: the asserts above bound every extent `bcast_block` touches:
                         // MK rows of K at `k` (in place or packed), Qᵀ vectors rb..rb+w ≤ rsv
@@ -1330,6 +1323,21 @@ fn run_item<
                 finish_row(ctx, it.b, i, h, m[x] as f64, l[x] as f64, orow, out);
             }
         }
+    }
+}
+
+/// Fills `dst` with one K or V row: from f32 storage read in place (`src`) by an inlined
+/// vector copy (a call to memcpy per row cost decode more than a tenth of its time), else
+/// through `convert`.
+#[inline(always)]
+fn fetch_row<S: Simd>(
+    src: Option<(&[f32], usize)>,
+    dst: &mut [f32],
+    convert: impl FnOnce(&mut [f32]),
+) {
+    match src {
+        Some((src, _)) => copy_row::<S>(&src[..dst.len()], dst),
+        None => convert(dst),
     }
 }
 

@@ -102,3 +102,29 @@ fn output_type_only_changes_the_final_rounding() {
         check_on(&c, &data, &want, be).unwrap();
     }
 }
+
+/// Row conversions to f32 are exact for every f16 and bf16 bit pattern (NaNs stay NaN),
+/// over row lengths that do and do not fill the vectorised loop's 8-value steps.
+#[test]
+fn row_conversions_are_exact_for_every_value() {
+    fn check_all<T: Element>(from_bits: fn(u16) -> T, to_f32: fn(T) -> f32) {
+        let all: Vec<T> = (0..=u16::MAX).map(from_bits).collect();
+        for len in [1usize, 7, 8, 9, 72, 133] {
+            for (ci, chunk) in all.chunks(len).enumerate() {
+                let mut dst = vec![0.0f32; chunk.len()];
+                T::load_row(chunk, &mut dst);
+                for (x, (&s, &d)) in chunk.iter().zip(&dst).enumerate() {
+                    let want = to_f32(s);
+                    assert!(
+                        want.to_bits() == d.to_bits() || (want.is_nan() && d.is_nan()),
+                        "{} bits {:#06x}: {d} for {want}",
+                        T::NAME,
+                        ci * len + x
+                    );
+                }
+            }
+        }
+    }
+    check_all::<f16>(f16::from_bits, f16::to_f32);
+    check_all::<bf16>(bf16::from_bits, bf16::to_f32);
+}
