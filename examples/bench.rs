@@ -25,10 +25,11 @@
 //!
 //! FLOPs = 4·b·hq·d·(visible query/key pairs): `sq·skv` without a mask, `S(S+1)/2` causal
 //! with `sq = skv = S`. `% peak` divides by `threads × the backend's one-core peak`.
-//! GB/s counts K and V once per kv head (the bytes a perfect kernel must read); `% bw`
+//! GB/s counts K and V once per kv head, in their storage type (c-f16 and c-bf16 read a
+//! half-precision KV cache: 2 bytes a value), the bytes a perfect kernel must read; `% bw`
 //! divides by the measured bandwidth for the same thread count.
 
-use flashcpu::{Attention, Backend, Tensor, TensorMut};
+use flashcpu::{Attention, Backend, Tensor, TensorMut, bf16, f16};
 use pulp::{Simd, WithSimd};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 use std::collections::BTreeMap;
@@ -46,9 +47,19 @@ struct Shape {
     hkv: usize,
     d: usize,
     causal: bool,
+    /// Storage type of K and V (Q and O are f32).
+    kv: Kv,
 }
 
-const SHAPES: [Shape; 5] = [
+/// Storage type of the KV cache.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kv {
+    F32,
+    F16,
+    Bf16,
+}
+
+const SHAPES: [Shape; 7] = [
     // a: MHA prefill, no mask.
     Shape {
         name: "a",
@@ -59,6 +70,7 @@ const SHAPES: [Shape; 5] = [
         hkv: 8,
         d: 128,
         causal: false,
+        kv: Kv::F32,
     },
     // b: GQA causal prefill (Llama-3-8B-like heads).
     Shape {
@@ -70,6 +82,7 @@ const SHAPES: [Shape; 5] = [
         hkv: 8,
         d: 128,
         causal: true,
+        kv: Kv::F32,
     },
     // c: GQA decode, one query against a 4k cache.
     Shape {
@@ -81,6 +94,7 @@ const SHAPES: [Shape; 5] = [
         hkv: 8,
         d: 128,
         causal: true,
+        kv: Kv::F32,
     },
     // d: small-head MHA (BERT/GPT-2-like), no mask.
     Shape {
@@ -92,6 +106,7 @@ const SHAPES: [Shape; 5] = [
         hkv: 12,
         d: 64,
         causal: false,
+        kv: Kv::F32,
     },
     // c32k: decode against a 32k cache (256 MiB of K+V: DRAM bound).
     Shape {
@@ -103,6 +118,30 @@ const SHAPES: [Shape; 5] = [
         hkv: 8,
         d: 128,
         causal: true,
+        kv: Kv::F32,
+    },
+    // c-f16, c-bf16: decode c over a half-precision KV cache (half the bytes to read).
+    Shape {
+        name: "c-f16",
+        b: 1,
+        sq: 1,
+        skv: 4096,
+        hq: 32,
+        hkv: 8,
+        d: 128,
+        causal: true,
+        kv: Kv::F16,
+    },
+    Shape {
+        name: "c-bf16",
+        b: 1,
+        sq: 1,
+        skv: 4096,
+        hq: 32,
+        hkv: 8,
+        d: 128,
+        causal: true,
+        kv: Kv::Bf16,
     },
 ];
 
@@ -126,21 +165,27 @@ impl Shape {
         4.0 * (self.b * self.hq * self.d) as f64 * self.visible_pairs() as f64
     }
 
-    /// Bytes of K and V (f32), each row read once per kv head.
+    /// Bytes of K and V, each row read once per kv head.
     fn kv_bytes(&self) -> f64 {
-        (self.b * self.hkv * self.skv * 2 * self.d * 4) as f64
+        let size = if self.kv == Kv::F32 { 4 } else { 2 };
+        (self.b * self.hkv * self.skv * 2 * self.d * size) as f64
     }
 
     fn describe(&self) -> String {
         format!(
-            "B{} Hq{} Hkv{} Sq{} Skv{} D{}{}",
+            "B{} Hq{} Hkv{} Sq{} Skv{} D{}{}{}",
             self.b,
             self.hq,
             self.hkv,
             self.sq,
             self.skv,
             self.d,
-            if self.causal { " causal" } else { "" }
+            if self.causal { " causal" } else { "" },
+            match self.kv {
+                Kv::F32 => "",
+                Kv::F16 => " KV f16",
+                Kv::Bf16 => " KV bf16",
+            }
         )
     }
 }
@@ -343,6 +388,21 @@ impl Lines {
     fn get_mut(&mut self) -> &mut [f32] {
         &mut bytemuck::cast_slice_mut(&mut self.lines)[..self.len]
     }
+
+    /// The same values rounded to a 2-byte type `T`, in lines of their own.
+    fn to_half<T: bytemuck::Pod>(&self, f: impl Fn(f32) -> T) -> Lines {
+        let mut out = Lines::new(self.len.div_ceil(2), || 0.0);
+        let dst: &mut [T] = bytemuck::cast_slice_mut(&mut out.lines);
+        for (d, &x) in dst.iter_mut().zip(self.get()) {
+            *d = f(x);
+        }
+        out
+    }
+
+    /// The first `len` values of type `T` (stored by [`Lines::to_half`]).
+    fn get_as<T: bytemuck::Pod>(&self, len: usize) -> &[T] {
+        &bytemuck::cast_slice(&self.lines)[..len]
+    }
 }
 
 struct Data {
@@ -355,20 +415,46 @@ struct Data {
 impl Data {
     fn new(s: &Shape, rng: &mut StdRng) -> Data {
         let mut gen_vec = |n: usize| Lines::new(n, || rng.random_range(-1.0f32..1.0));
+        let q = gen_vec(s.b * s.sq * s.hq * s.d);
+        let (mut k, mut v) = (
+            gen_vec(s.b * s.skv * s.hkv * s.d),
+            gen_vec(s.b * s.skv * s.hkv * s.d),
+        );
+        match s.kv {
+            Kv::F32 => {}
+            Kv::F16 => (k, v) = (k.to_half(f16::from_f32), v.to_half(f16::from_f32)),
+            Kv::Bf16 => (k, v) = (k.to_half(bf16::from_f32), v.to_half(bf16::from_f32)),
+        }
         Data {
-            q: gen_vec(s.b * s.sq * s.hq * s.d),
-            k: gen_vec(s.b * s.skv * s.hkv * s.d),
-            v: gen_vec(s.b * s.skv * s.hkv * s.d),
+            q,
+            k,
+            v,
             o: Lines::new(s.b * s.sq * s.hq * s.d, || 0.0),
         }
     }
 
     fn forward(&mut self, s: &Shape, attn: &Attention) {
         let q = Tensor::bshd(self.q.get(), [s.b, s.sq, s.hq, s.d]).unwrap();
-        let k = Tensor::bshd(self.k.get(), [s.b, s.skv, s.hkv, s.d]).unwrap();
-        let v = Tensor::bshd(self.v.get(), [s.b, s.skv, s.hkv, s.d]).unwrap();
+        let kv_shape = [s.b, s.skv, s.hkv, s.d];
+        let n = kv_shape.iter().product();
         let mut o = TensorMut::bshd(self.o.get_mut(), [s.b, s.sq, s.hq, s.d]).unwrap();
-        attn.forward(q, k, v, &mut o).unwrap();
+        match s.kv {
+            Kv::F32 => {
+                let k = Tensor::bshd(self.k.get(), kv_shape).unwrap();
+                let v = Tensor::bshd(self.v.get(), kv_shape).unwrap();
+                attn.forward(q, k, v, &mut o).unwrap();
+            }
+            Kv::F16 => {
+                let k = Tensor::bshd(self.k.get_as::<f16>(n), kv_shape).unwrap();
+                let v = Tensor::bshd(self.v.get_as::<f16>(n), kv_shape).unwrap();
+                attn.forward(q, k, v, &mut o).unwrap();
+            }
+            Kv::Bf16 => {
+                let k = Tensor::bshd(self.k.get_as::<bf16>(n), kv_shape).unwrap();
+                let v = Tensor::bshd(self.v.get_as::<bf16>(n), kv_shape).unwrap();
+                attn.forward(q, k, v, &mut o).unwrap();
+            }
+        }
     }
 }
 
@@ -464,7 +550,8 @@ struct Options {
 }
 
 const USAGE: &str = "\
-usage: bench [--json] [--threads N[,M..]] [--shapes a,b,c,d,c32k] [--backends avx512,avx2,scalar]
+usage: bench [--json] [--threads N[,M..]] [--shapes a,b,c,d,c32k,c-f16,c-bf16]
+             [--backends avx512,avx2,scalar]
              [--budget SECONDS]
   --json       one JSON object per line (limits first, then one per run) instead of a table
   --threads    thread counts to run (default: 1 and all cores)
