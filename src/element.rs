@@ -19,6 +19,24 @@ pub trait Element: sealed::Sealed + Copy + Send + Sync + 'static {
     const NAME: &'static str;
     /// Converts a row to f32; `src` and `dst` have the same length.
     fn load_row(src: &[Self], dst: &mut [f32]);
+    /// Converts `n` rows of `len` values, `src_stride` and `dst_stride` elements apart
+    /// (a tile of K or V rows in one call).
+    #[inline(always)]
+    fn load_rows(
+        src: &[Self],
+        src_stride: usize,
+        dst: &mut [f32],
+        dst_stride: usize,
+        n: usize,
+        len: usize,
+    ) {
+        for r in 0..n {
+            Self::load_row(
+                &src[r * src_stride..][..len],
+                &mut dst[r * dst_stride..][..len],
+            );
+        }
+    }
     /// Converts a row from f32, rounding to nearest even; `src` and `dst` have the same length.
     fn store_row(src: &[f32], dst: &mut [Self]);
     /// `Some` when the storage already is f32, so kernels may read it in place.
@@ -67,19 +85,43 @@ impl Element for f32 {
 
 impl Element for f16 {
     const NAME: &'static str = "f16";
-    /// With F16C, 8 values per `vcvtph2ps` in one call per row: `half`'s slice
-    /// conversion detects F16C too, but calls a function per 8 values through a copy,
-    /// and decode over an f16 KV cache spent 45 % of its time there.
+    /// With F16C, 8 values per `vcvtph2ps`: `half`'s slice conversion detects F16C
+    /// too, but calls a function per 8 values through a copy, and decode over an f16 KV
+    /// cache spent 45 % of its time there.
     #[inline(always)]
     fn load_row(src: &[f16], dst: &mut [f32]) {
         assert_eq!(src.len(), dst.len());
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("f16c") {
-            // SAFETY: the CPU has F16C (and so AVX); the lengths agree (asserted).
-            unsafe { f16c_to_f32(src, dst) };
+        Self::load_rows(src, 0, dst, 0, 1, src.len());
+    }
+    /// One call (F16C's instructions cannot be inlined into the kernels, which are
+    /// compiled for AVX2 without it) for all the rows.
+    #[inline(always)]
+    fn load_rows(
+        src: &[f16],
+        src_stride: usize,
+        dst: &mut [f32],
+        dst_stride: usize,
+        n: usize,
+        len: usize,
+    ) {
+        if n == 0 {
             return;
         }
-        half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, dst);
+        assert!((n - 1) * src_stride + len <= src.len());
+        assert!((n - 1) * dst_stride + len <= dst.len());
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("f16c") {
+            // SAFETY: the CPU has F16C (and so AVX); every row lies within both slices
+            // (asserted).
+            unsafe { f16c_rows(src, src_stride, dst, dst_stride, n, len) };
+            return;
+        }
+        for r in 0..n {
+            half::slice::HalfFloatSliceExt::convert_to_f32_slice(
+                &src[r * src_stride..][..len],
+                &mut dst[r * dst_stride..][..len],
+            );
+        }
     }
     #[inline(always)]
     fn store_row(src: &[f32], dst: &mut [f16]) {
@@ -95,24 +137,33 @@ impl Element for f16 {
     }
 }
 
-/// `src` to f32 by F16C. The caller checks that the CPU has F16C and that the lengths
-/// agree.
+/// `n` rows of `len` values to f32 by F16C. The caller checks that the CPU has F16C and
+/// that every row lies within `src` and `dst`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx,f16c")]
-unsafe fn f16c_to_f32(src: &[f16], dst: &mut [f32]) {
+unsafe fn f16c_rows(
+    src: &[f16],
+    src_stride: usize,
+    dst: &mut [f32],
+    dst_stride: usize,
+    n: usize,
+    len: usize,
+) {
     use core::arch::x86_64::{__m128i, _mm_loadu_si128, _mm256_cvtph_ps, _mm256_storeu_ps};
-    let n = src.len();
-    let mut i = 0;
-    while i + 8 <= n {
-        // SAFETY: values i..i + 8 < n of both slices (n = dst.len(), by the caller).
-        unsafe {
-            let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
-            _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+    for r in 0..n {
+        let (s, d) = (r * src_stride, r * dst_stride);
+        let mut i = 0;
+        while i + 8 <= len {
+            // SAFETY: values i..i + 8 ≤ len of row r of both slices (by the caller).
+            unsafe {
+                let h = _mm_loadu_si128(src.as_ptr().add(s + i) as *const __m128i);
+                _mm256_storeu_ps(dst.as_mut_ptr().add(d + i), _mm256_cvtph_ps(h));
+            }
+            i += 8;
         }
-        i += 8;
-    }
-    for (d, s) in dst[i..].iter_mut().zip(&src[i..]) {
-        *d = s.to_f32();
+        for (y, x) in dst[d + i..d + len].iter_mut().zip(&src[s + i..s + len]) {
+            *y = x.to_f32();
+        }
     }
 }
 

@@ -897,17 +897,13 @@ fn run_item<
                     // Otherwise keys j.. of head g are converted (or copied) into K̂,
                     // padded with zeros: the dot products read whole vectors.
                     if kin.is_none() {
-                        for (x, k) in floats_mut::<S>(&mut sc.k)
-                            .chunks_exact_mut(kst)
-                            .take(nk)
-                            .enumerate()
-                        {
-                            let (k, pad) = k.split_at_mut(dqk);
-                            let jj = ju + j + x;
-                            fetch_row::<S>(ctx.kv.k_in_place(it.b, g, jj), k, |dst| {
-                                ctx.kv.pack_k(it.b, g, jj, 1, dst, dqk)
-                            });
-                            pad.fill(0.0);
+                        let kh = floats_mut::<S>(&mut sc.k);
+                        let jj = ju + j;
+                        fetch_rows::<S>(ctx.kv.k_in_place(it.b, g, jj), kh, kst, nk, dqk, |dst| {
+                            ctx.kv.pack_k(it.b, g, jj, nk, dst, kst)
+                        });
+                        for k in kh.chunks_exact_mut(kst).take(nk) {
+                            k[dqk..].fill(0.0);
                         }
                     }
                     let kh: &[S::f32s] = &sc.k;
@@ -1037,12 +1033,9 @@ fn run_item<
                 assert!(n * vrow <= sc.v.len() * lanes);
                 let vh = floats_mut::<S>(&mut sc.v);
                 if dot {
-                    // Row by row, f32 rows by the inlined copy.
-                    for (jj, v) in vh.chunks_exact_mut(vrow).take(n).enumerate() {
-                        fetch_row::<S>(ctx.kv.v_in_place(it.b, g, ju + jj), &mut v[..dv], |dst| {
-                            ctx.kv.pack_v(it.b, g, ju + jj, 1, dst, dv)
-                        });
-                    }
+                    fetch_rows::<S>(ctx.kv.v_in_place(it.b, g, ju), vh, vrow, n, dv, |dst| {
+                        ctx.kv.pack_v(it.b, g, ju, n, dst, vrow)
+                    });
                 } else {
                     ctx.kv.pack_v(it.b, g, ju, n, vh, vrow);
                 }
@@ -1326,17 +1319,25 @@ fn run_item<
     }
 }
 
-/// Fills `dst` with one K or V row: from f32 storage read in place (`src`) by an inlined
-/// vector copy (a call to memcpy per row cost decode more than a tenth of its time), else
-/// through `convert`.
+/// Fills `n` rows of `dst` (`dst_stride` floats apart) with `len` values each of K or V:
+/// from f32 storage read in place (`src`: rows and their stride) by an inlined vector
+/// copy (a call to memcpy per row cost decode more than a tenth of its time), else
+/// through `convert` (one call for all the rows).
 #[inline(always)]
-fn fetch_row<S: Simd>(
+fn fetch_rows<S: Simd>(
     src: Option<(&[f32], usize)>,
     dst: &mut [f32],
+    dst_stride: usize,
+    n: usize,
+    len: usize,
     convert: impl FnOnce(&mut [f32]),
 ) {
     match src {
-        Some((src, _)) => copy_row::<S>(&src[..dst.len()], dst),
+        Some((src, stride)) => {
+            for r in 0..n {
+                copy_row::<S>(&src[r * stride..][..len], &mut dst[r * dst_stride..][..len]);
+            }
+        }
         None => convert(dst),
     }
 }

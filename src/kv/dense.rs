@@ -13,10 +13,7 @@ pub(crate) struct DenseKv<'a, T> {
 impl<T: Element> KvSource for DenseKv<'_, T> {
     #[inline]
     fn pack_k(&self, b: usize, g: usize, j0: usize, n: usize, dst: &mut [f32], stride: usize) {
-        let d = self.k.shape[3];
-        for (jj, out) in dst.chunks_mut(stride).take(n).enumerate() {
-            T::load_row(self.k.row(b, j0 + jj, g), &mut out[..d]);
-        }
+        pack(&self.k, b, g, j0, n, dst, stride)
     }
 
     #[inline]
@@ -31,10 +28,32 @@ impl<T: Element> KvSource for DenseKv<'_, T> {
 
     #[inline]
     fn pack_v(&self, b: usize, g: usize, j0: usize, n: usize, dst: &mut [f32], stride: usize) {
-        let d = self.v.shape[3];
-        for (jj, out) in dst.chunks_mut(stride).take(n).enumerate() {
-            T::load_row(self.v.row(b, j0 + jj, g), &mut out[..d]);
-        }
+        pack(&self.v, b, g, j0, n, dst, stride)
+    }
+}
+
+/// Rows `j0..j0 + n` of `(b, g)` as f32 rows of `dst`, `stride` floats apart: one call
+/// of the element type's conversion for all of them.
+#[inline]
+fn pack<T: Element>(
+    t: &Tensor<'_, T>,
+    b: usize,
+    g: usize,
+    j0: usize,
+    n: usize,
+    dst: &mut [f32],
+    stride: usize,
+) {
+    if n > 0 {
+        let d = t.shape[3];
+        T::load_rows(
+            &t.data[t.offset(b, j0, g)..],
+            t.strides[1],
+            dst,
+            stride,
+            n,
+            d,
+        );
     }
 }
 

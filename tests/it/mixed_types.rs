@@ -128,3 +128,37 @@ fn row_conversions_are_exact_for_every_value() {
     check_all::<f16>(f16::from_bits, f16::to_f32);
     check_all::<bf16>(bf16::from_bits, bf16::to_f32);
 }
+
+/// Strided tiles of rows (`load_rows`, as K/V tiles are converted) give the row-by-row
+/// values, and leave the gaps between rows untouched.
+#[test]
+fn strided_row_conversions_match_rows() {
+    fn check<T: Element>(from_bits: fn(u16) -> T) {
+        let src: Vec<T> = (0..4096u16)
+            .map(|i| from_bits(i.wrapping_mul(40503)))
+            .collect();
+        for (len, ss, ds, n) in [
+            (8usize, 8usize, 8usize, 5usize),
+            (13, 20, 16, 7),
+            (72, 72, 80, 3),
+            (5, 0, 9, 4),
+        ] {
+            let mut dst = vec![-7.5f32; (n - 1) * ds + len + 3];
+            T::load_rows(&src, ss, &mut dst, ds, n, len);
+            for (i, &got) in dst.iter().enumerate() {
+                let (r, c) = (i / ds, i % ds);
+                if r < n && c < len {
+                    let mut one = vec![0.0f32; len];
+                    T::load_row(&src[r * ss..][..len], &mut one);
+                    let want = one[c];
+                    assert!(got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()));
+                } else {
+                    assert_eq!(got, -7.5, "{}: gap value {i} written", T::NAME);
+                }
+            }
+        }
+    }
+    check::<f16>(f16::from_bits);
+    check::<bf16>(bf16::from_bits);
+    check::<f32>(|b| f32::from(b) - 2000.0);
+}
