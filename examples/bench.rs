@@ -389,7 +389,8 @@ impl Lines {
         &mut bytemuck::cast_slice_mut(&mut self.lines)[..self.len]
     }
 
-    /// The same values rounded to a 2-byte type `T`, in lines of their own.
+    /// The same values rounded to a 2-byte type `T`, in lines of their own: read them
+    /// with [`Lines::get_as`] only (`get` would see pairs of them as f32s).
     fn to_half<T: bytemuck::Pod>(&self, f: impl Fn(f32) -> T) -> Lines {
         let mut out = Lines::new(self.len.div_ceil(2), || 0.0);
         let dst: &mut [T] = bytemuck::cast_slice_mut(&mut out.lines);

@@ -110,9 +110,12 @@ impl Element for f16 {
         assert!((n - 1) * src_stride + len <= src.len());
         assert!((n - 1) * dst_stride + len <= dst.len());
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("f16c") {
-            // SAFETY: the CPU has F16C (and so AVX); every row lies within both slices
-            // (asserted).
+        // (Rust reports F16C from its CPUID bit alone, not whether the OS saves the
+        // AVX registers: AVX is checked too.)
+        if std::arch::is_x86_feature_detected!("avx") && std::arch::is_x86_feature_detected!("f16c")
+        {
+            // SAFETY: the CPU has F16C and AVX, enabled by the OS; every row lies within
+            // both slices (asserted).
             unsafe { f16c_rows(src, src_stride, dst, dst_stride, n, len) };
             return;
         }

@@ -663,8 +663,9 @@ fn run_item<
     // tile over full vectors (8 heads × 4 rows: 4 vectors on AVX2, 2 on AVX-512) instead
     // of once per head over one vector mostly filled with padding (on AVX2, decode with
     // 1024 keys ran 12 % faster so). PV reads each head's rows at their offset; a head's
-    // padding rows read the next head's P (or padding), which only reach padding rows
-    // of its O. `rs_s` covers the last head's widest PV block.
+    // padding rows read the next head's P, or padding that may hold stale values from
+    // earlier items (even NaN), which only reach padding rows of its O, never gathered
+    // or written out. `rs_s` covers the last head's widest PV block.
     let (nr_s, rs_s) = if dot {
         let widest = nr.next_multiple_of(OR).max(4);
         (nh * nr, ((nh - 1) * nr + widest).next_multiple_of(lanes))
