@@ -87,7 +87,7 @@ impl Element for f16 {
     const NAME: &'static str = "f16";
     /// With F16C, 8 values per `vcvtph2ps`: `half`'s slice conversion detects F16C
     /// too, but calls a function per 8 values through a copy, and decode over an f16 KV
-    /// cache spent 45 % of its time there.
+    /// cache spent 44 % of its time there.
     #[inline(always)]
     fn load_row(src: &[f16], dst: &mut [f32]) {
         assert_eq!(src.len(), dst.len());
