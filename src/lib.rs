@@ -24,8 +24,9 @@
 //!    shapes picked per backend (`kernel/tile.rs`, table in `kernel/mod.rs`).
 //! 2. Scores are kept transposed (keys × query rows), so the online softmax runs across
 //!    rows in SIMD lanes with no horizontal reductions. On AVX-512 and AVX2, O is
-//!    row-major and PV broadcasts P (written by the softmax interleaved by row vector)
-//!    against rows of V̂; the softmax's rescale is folded into the PV micro-kernel.
+//!    row-major and PV broadcasts P (on AVX-512 outside decode, written by the softmax
+//!    interleaved by row vector) against rows of V̂; the softmax's rescale is folded
+//!    into the PV micro-kernel.
 //! 3. The query heads that share a kv head are rows of the same tile, so each K/V tile
 //!    is read and converted once per GQA group, and packed once per kv head.
 //! 4. The mask classifies tiles as empty (skipped), full (no per-element work) or partial.

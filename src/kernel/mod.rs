@@ -895,8 +895,9 @@ fn run_item<
                     if !in_place {
                         prefetch_v(g, j, j + nk);
                     }
-                    // Otherwise keys j.. of head g are converted (or copied) into K̂,
-                    // padded with zeros: the dot products read whole vectors.
+                    // K rows not read in place: keys j.. of head g are converted (or
+                    // copied) into K̂ just before use, padded with zeros (the dot
+                    // products read whole vectors).
                     if kin.is_none() {
                         let kh = floats_mut::<S>(&mut sc.k);
                         let jj = ju + j;
@@ -1011,9 +1012,10 @@ fn run_item<
                 }
             }
             // V: read in place when it is f32 and its columns fill whole PV blocks (for
-            // dot-product items, whole vectors); else packed into V̂ (rows of vrow floats, whose padding
-            // columns only ever reach padding columns of O). PV broadcasts V, so in place it costs no copy, and rows
-            // that share an L1 set (BSHD rows 4 KiB apart) cost one L2 read per key.
+            // dot-product items, whole vectors); else packed into V̂ (rows of vrow floats,
+            // whose padding columns only ever reach padding columns of O). PV broadcasts
+            // V, so in place it costs no copy, and rows that share an L1 set (BSHD rows
+            // 4 KiB apart) cost one L2 read per key.
             let mut vsrc: (*const f32, usize) = (core::ptr::null(), vrow);
             if cache {
                 vsrc = (cached.1, if o_rows { vrow } else { MC });
