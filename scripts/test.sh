@@ -13,6 +13,9 @@
 #   clippy-arm    the same for aarch64 (--lib --tests)
 #   host          cargo test, all targets and doctests; FLASHCPU_EXPECT_BACKEND comes from
 #                 /proc/cpuinfo so a backend the CPU has can never be skipped silently
+#   emu512        the tests again (release) with the `emulate-avx512` feature: the scalar
+#                 backend runs the AVX-512 instantiation of the kernels (16 lanes, its tile
+#                 shapes) on pulp's portable emulation, so hosts without AVX-512 test it too
 #   qemu-avx2     x86 test binaries under `qemu-x86_64 -cpu max` (AVX2, no AVX-512)
 #   qemu-scalar   x86 test binaries under `qemu-x86_64 -cpu Nehalem` (no AVX: scalar)
 #   arm           aarch64 test binaries under qemu-aarch64 (NEON)
@@ -196,6 +199,13 @@ host_step() {
         run cargo test --doc --no-fail-fast
 }
 
+emu512_step() {
+    local expect
+    expect=$(cpu_backends)
+    FLASHCPU_EXPECT_BACKEND=$expect FLASHCPU_EXPECT_DETECT=$(fastest "$expect") \
+        run cargo test --release --features emulate-avx512 --tests --no-fail-fast
+}
+
 # qemu-x86_64 CPU model, the backends it has and the one detection must pick.
 qemu_x86() {
     local cpu=$1 expect=$2 detect=$3
@@ -250,6 +260,7 @@ step fmt fmt_step
 step clippy clippy_step
 step clippy-arm clippy_arm_step
 step host host_step
+step emu512 emu512_step
 step qemu-avx2 qemu_avx2_step
 step qemu-scalar qemu_scalar_step
 step arm arm_step

@@ -124,7 +124,11 @@ impl FromStr for Backend {
 pub(crate) fn dispatch<Op: WithSimd>(backend: Backend, op: Op) -> Result<Op::Output, Error> {
     use pulp::Simd;
     match backend {
+        #[cfg(not(feature = "emulate-avx512"))]
         Backend::Scalar => Ok(Simd::vectorize(pulp::Scalar::new(), op)),
+        // (Testing only: see the feature in Cargo.toml.)
+        #[cfg(feature = "emulate-avx512")]
+        Backend::Scalar => Ok(Simd::vectorize(pulp::Scalar512b, op)),
         #[cfg(target_arch = "x86_64")]
         Backend::Avx2 => match pulp::x86::V3::try_new() {
             Some(tok) => Ok(Simd::vectorize(tok, op)),

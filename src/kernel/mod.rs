@@ -90,6 +90,8 @@ pub(crate) fn tile_rows(backend: Backend) -> usize {
     match backend {
         Backend::Avx512 => BR_AVX512,
         Backend::Avx2 => BR_AVX2,
+        // (The emulation runs the AVX-512 instantiation: see Cargo.toml.)
+        Backend::Scalar if cfg!(feature = "emulate-avx512") => BR_AVX512,
         Backend::Neon | Backend::Scalar => BR_OTHER,
     }
 }
