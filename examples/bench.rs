@@ -59,6 +59,19 @@ enum Kv {
     Bf16,
 }
 
+/// Shape c, which the half-precision decode shapes vary.
+const DECODE_C: Shape = Shape {
+    name: "c",
+    b: 1,
+    sq: 1,
+    skv: 4096,
+    hq: 32,
+    hkv: 8,
+    d: 128,
+    causal: true,
+    kv: Kv::F32,
+};
+
 const SHAPES: [Shape; 7] = [
     // a: MHA prefill, no mask.
     Shape {
@@ -85,17 +98,7 @@ const SHAPES: [Shape; 7] = [
         kv: Kv::F32,
     },
     // c: GQA decode, one query against a 4k cache.
-    Shape {
-        name: "c",
-        b: 1,
-        sq: 1,
-        skv: 4096,
-        hq: 32,
-        hkv: 8,
-        d: 128,
-        causal: true,
-        kv: Kv::F32,
-    },
+    DECODE_C,
     // d: small-head MHA (BERT/GPT-2-like), no mask.
     Shape {
         name: "d",
@@ -123,25 +126,13 @@ const SHAPES: [Shape; 7] = [
     // c-f16, c-bf16: decode c over a half-precision KV cache (half the bytes to read).
     Shape {
         name: "c-f16",
-        b: 1,
-        sq: 1,
-        skv: 4096,
-        hq: 32,
-        hkv: 8,
-        d: 128,
-        causal: true,
         kv: Kv::F16,
+        ..DECODE_C
     },
     Shape {
         name: "c-bf16",
-        b: 1,
-        sq: 1,
-        skv: 4096,
-        hq: 32,
-        hkv: 8,
-        d: 128,
-        causal: true,
         kv: Kv::Bf16,
+        ..DECODE_C
     },
 ];
 
