@@ -92,11 +92,17 @@ impl<S: Simd> OnlineSoftmax<'_, S> {
             // which makes its output NaN. Where exp2 keeps NaN (AVX-512) the new sum
             // finds it below; elsewhere the scores are checked here.
             let mut ok = [simd.equal_f32s(zero, zero); G];
-            for row in st.chunks(stride).take(n) {
-                for ((m, k), x) in mx.iter_mut().zip(&mut ok).zip(&row[v0..v0 + w]) {
-                    *m = simd.max_f32s(*m, *x);
-                    if !nan_exp {
-                        *k = simd.and_m32s(*k, simd.equal_f32s(*x, *x));
+            assert!(n == 0 || (n - 1) * stride + v0 + w <= st.len());
+            let sp = st.as_ptr().wrapping_add(v0);
+            // SAFETY: rows j < n of `st` hold vectors v0..v0 + w (asserted).
+            unsafe {
+                if w == G {
+                    max_pass::<S, G>(simd, sp, stride, n, nan_exp, &mut mx, &mut ok);
+                } else {
+                    for u in 0..w {
+                        let (m, k) = (&mut mx[u..u + 1], &mut ok[u..u + 1]);
+                        let (m, k) = (m.try_into().unwrap(), k.try_into().unwrap());
+                        max_pass::<S, 1>(simd, sp.wrapping_add(u), stride, n, nan_exp, m, k);
                     }
                 }
             }
@@ -146,7 +152,6 @@ impl<S: Simd> OnlineSoftmax<'_, S> {
             } else {
                 TWO_MUL
             };
-            assert!(n == 0 || (n - 1) * stride + v0 + w <= st.len());
             assert!(!IL || (n <= p_keys && (v0 + w) * p_keys <= p.len()));
             let k = Consts {
                 c1,
@@ -221,6 +226,39 @@ struct Consts<S: Simd> {
     ns: [S::f32s; G],
     /// m·c1 − fl(m·c1), exactly (backends without a fused multiply-add).
     delta: [S::f32s; G],
+}
+
+/// Folds keys `j < n` of `W` row vectors (`st[j·stride + u]`) into the running maxima
+/// `mx`, and (unless `nan_exp`) clears `ok` in lanes that meet a NaN. The `W` chains are
+/// independent and stay in registers (a width known only at run time kept them on the
+/// stack, one store-to-load round trip per key).
+///
+/// # Safety
+/// `st` is valid for reads at `j·stride + u` for `j < n`, `u < W`.
+#[inline(always)]
+unsafe fn max_pass<S: Simd, const W: usize>(
+    simd: S,
+    st: *const S::f32s,
+    stride: usize,
+    n: usize,
+    nan_exp: bool,
+    mx: &mut [S::f32s; W],
+    ok: &mut [S::m32s; W],
+) {
+    let (mut m, mut k) = (*mx, *ok);
+    let mut row = st;
+    for _ in 0..n {
+        for u in 0..W {
+            // SAFETY: j < n and u < W (the caller's contract).
+            let x = unsafe { row.add(u).read() };
+            m[u] = simd.max_f32s(m[u], x);
+            if !nan_exp {
+                k[u] = simd.and_m32s(k[u], simd.equal_f32s(x, x));
+            }
+        }
+        row = row.wrapping_add(stride);
+    }
+    (*mx, *ok) = (m, k);
 }
 
 /// `p = 2^exponent(x)` for keys `j < n` of `W` row vectors (`st[j·stride + u]`, rows
