@@ -259,9 +259,8 @@ impl<'p, Q: Element, KV: Element, O: Element> Plan<'p, Q, KV, O> {
 
     /// Runs every item: with the `rayon` feature on `threads` workers (0: as many as
     /// rayon's current pool has threads), the calling thread and `threads − 1` tasks on
-    /// that pool; else (or with `threads == 1`) on the calling thread alone. Workers claim
-    /// items in index order, so the longest items of a causal call, which come first,
-    /// start first.
+    /// that pool; else (or with `threads == 1`) on the calling thread alone. Workers
+    /// claim items as [`Claims`] describes.
     pub fn run_all(&self, threads: usize) -> Result<()> {
         #[cfg(feature = "rayon")]
         {
@@ -271,18 +270,13 @@ impl<'p, Q: Element, KV: Element, O: Element> Plan<'p, Q, KV, O> {
                 n => n.min(pool),
             }
             .min(self.len());
-            if workers > 1 {
-                let next = AtomicUsize::new(0);
+            if let Some(claims) = Claims::new(self.len(), workers).filter(|_| workers > 1) {
                 let failed: Mutex<Option<Error>> = Mutex::new(None);
-                let work = || {
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= self.len() {
-                            break;
-                        }
+                let work = |w: usize| {
+                    while let Some(i) = claims.next(w) {
                         if let Err(e) = self.run(i) {
                             // Stop every worker: the output is incomplete anyway.
-                            next.store(self.len(), Ordering::Relaxed);
+                            claims.stop();
                             if let Ok(mut f) = failed.lock() {
                                 f.get_or_insert(e);
                             }
@@ -295,10 +289,11 @@ impl<'p, Q: Element, KV: Element, O: Element> Plan<'p, Q, KV, O> {
                 // `rayon::scope` the caller slept while every worker was woken, and a
                 // 3 ms decode call on 2 threads often ran no faster than on 1.
                 rayon::in_place_scope(|s| {
-                    for _ in 1..workers {
-                        s.spawn(|_| work());
+                    for w in 1..workers {
+                        let work = &work;
+                        s.spawn(move |_| work(w));
                     }
-                    work();
+                    work(0);
                 });
                 return match failed.into_inner() {
                     Ok(Some(e)) => Err(e),
@@ -308,5 +303,139 @@ impl<'p, Q: Element, KV: Element, O: Element> Plan<'p, Q, KV, O> {
         }
         let _ = threads;
         (0..self.len()).try_for_each(|i| self.run(i))
+    }
+}
+
+/// Which worker runs which item of [`Plan::run_all`].
+///
+/// Worker `w` starts on its own contiguous `w`-th share of the item indices, in index
+/// order, and a worker whose share is done takes items from the end of the share with
+/// the most left. Consecutive items of one (batch, kv head) then stay on one worker, which
+/// packs that head's K/V panels once and reuses them ([`crate::kernel`]'s panel cache);
+/// with one shared counter the workers alternated, and each packed every head. Items of
+/// a head come longest first (a causal mask's last Q tile sees the most keys), so the
+/// items taken at the end are the short ones.
+///
+/// Which worker runs an item never changes its result: only the speed depends on this.
+#[cfg(feature = "rayon")]
+struct Claims {
+    /// Per worker: the indices `front..end` of its share not yet claimed, as
+    /// `front << 32 | end`, so that a claim from either end is one compare-and-swap.
+    shares: Box<[std::sync::atomic::AtomicU64]>,
+}
+
+#[cfg(feature = "rayon")]
+impl Claims {
+    /// `None` when the indices do not fit 32 bits.
+    fn new(items: usize, workers: usize) -> Option<Self> {
+        let n = u32::try_from(items).ok()? as u64;
+        let w = workers.max(1) as u64;
+        let shares = (0..w)
+            .map(|i| std::sync::atomic::AtomicU64::new(share(n * i / w, n * (i + 1) / w)))
+            .collect();
+        Some(Claims { shares })
+    }
+
+    /// The next item for worker `w`, or `None` when every item is claimed.
+    fn next(&self, w: usize) -> Option<usize> {
+        // The own share's front.
+        let own = &self.shares[w];
+        let mut cur = own.load(Ordering::Relaxed);
+        loop {
+            let (f, e) = split(cur);
+            if f >= e {
+                break;
+            }
+            match own.compare_exchange_weak(
+                cur,
+                share(f + 1, e),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Some(f as usize),
+                Err(x) => cur = x,
+            }
+        }
+        // The back of the share with the most left.
+        loop {
+            let (victim, cur) = self
+                .shares
+                .iter()
+                .map(|s| (s, s.load(Ordering::Relaxed)))
+                .max_by_key(|&(_, x)| {
+                    let (f, e) = split(x);
+                    e.saturating_sub(f)
+                })?;
+            let (f, e) = split(cur);
+            if f >= e {
+                return None;
+            }
+            if victim
+                .compare_exchange_weak(cur, share(f, e - 1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+            {
+                return Some(e as usize - 1);
+            }
+        }
+    }
+
+    /// Leaves no item to claim.
+    fn stop(&self) {
+        for s in self.shares.iter() {
+            s.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The packed share `front..end` (indices below 2³²).
+#[cfg(feature = "rayon")]
+fn share(front: u64, end: u64) -> u64 {
+    (front << 32) | end
+}
+
+/// The `(front, end)` of a packed share.
+#[cfg(feature = "rayon")]
+fn split(x: u64) -> (u64, u64) {
+    (x >> 32, x & 0xffff_ffff)
+}
+
+#[cfg(all(test, feature = "rayon"))]
+mod tests {
+    use super::Claims;
+
+    /// Every index is claimed exactly once, by workers racing on real threads, whatever
+    /// the number of items against workers.
+    #[test]
+    fn claims_cover_every_item_once() {
+        for (items, workers) in [(0, 2), (1, 2), (2, 2), (5, 3), (48, 2), (344, 3), (1000, 8)] {
+            let claims = Claims::new(items, workers).unwrap();
+            let got: Vec<Vec<usize>> = std::thread::scope(|s| {
+                let hs: Vec<_> = (0..workers)
+                    .map(|w| {
+                        let claims = &claims;
+                        s.spawn(move || core::iter::from_fn(|| claims.next(w)).collect())
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            let mut all: Vec<usize> = got.concat();
+            all.sort_unstable();
+            assert_eq!(
+                all,
+                (0..items).collect::<Vec<_>>(),
+                "{items} items, {workers} workers"
+            );
+        }
+    }
+
+    /// A worker alone runs its own share front to back, then the others' from the back.
+    #[test]
+    fn claims_order() {
+        let claims = Claims::new(10, 2).unwrap();
+        let order: Vec<usize> = core::iter::from_fn(|| claims.next(1)).collect();
+        assert_eq!(order, [5, 6, 7, 8, 9, 4, 3, 2, 1, 0]);
+        let claims = Claims::new(10, 2).unwrap();
+        claims.stop();
+        assert_eq!(claims.next(0), None);
     }
 }
