@@ -16,8 +16,12 @@
 //!    thread count the run uses, best of 5.
 //! 3. **Attention**: each shape, backend and thread count; a warm-up call, then repeated
 //!    timed calls (about `--budget` seconds, at least 3, at most 50), reporting the median.
-//!    Before every timed call a 64 MiB buffer is read so K/V start cold in cache, as they do
-//!    in a model where every layer has its own KV cache. With several threads every thread
+//!    Before every timed call a 64 MiB buffer is read and Q, K, V and O are flushed from
+//!    every cache level (`clflush` on x86-64; elsewhere the buffer is twice the last-level
+//!    cache instead), so K/V start cold, as they do in a model where every layer has its
+//!    own KV cache. A fixed-size read alone is not enough on hosts with a large L3: on a
+//!    Sapphire Rapids guest reporting 260 MiB of L3, decode c's 32 MiB of K+V stayed in it
+//!    and timed at 116–143 % of the DRAM bandwidth. With several threads every thread
 //!    of the pool reads its share (each core's L2 is private), which also leaves the
 //!    pool's threads awake when the call starts, as the other operators of a model step
 //!    leave them: in this VM a parked pool thread took about 1 ms to wake, longer than
@@ -425,6 +429,13 @@ impl Data {
         }
     }
 
+    /// Takes the operands out of every cache level, where [`flush_lines`] can.
+    fn flush(&self) {
+        for t in [&self.q, &self.k, &self.v, &self.o] {
+            flush_lines(&t.lines);
+        }
+    }
+
     fn forward(&mut self, s: &Shape, attn: &Attention) {
         let q = Tensor::bshd(self.q.get(), [s.b, s.sq, s.hq, s.d]).unwrap();
         let kv_shape = [s.b, s.skv, s.hkv, s.d];
@@ -450,7 +461,8 @@ impl Data {
     }
 }
 
-/// Reads `buf` (larger than the last-level cache) so the next call starts cold.
+/// Reads `buf` so the next call starts with cold private caches (and, where
+/// [`flush_lines`] cannot flush, a cold last-level cache: see [`eviction_bytes`]).
 fn evict(buf: &[u8]) {
     let mut x = 0u8;
     for line in buf.chunks(64) {
@@ -490,29 +502,79 @@ fn evict_for(threads: usize, buf: &[u8]) {
     evict(buf)
 }
 
+/// Bytes [`evict`] reads before each timed call: 64 MiB where [`flush_lines`] takes the
+/// operands out of the last-level cache, else twice that cache (read from sysfs), at
+/// least 64 MiB.
+fn eviction_bytes() -> usize {
+    const MIN: usize = 64 << 20;
+    if cfg!(target_arch = "x86_64") {
+        return MIN;
+    }
+    (0..8)
+        .filter_map(|i| {
+            let dir = format!("/sys/devices/system/cpu/cpu0/cache/index{i}");
+            let level = std::fs::read_to_string(format!("{dir}/level")).ok()?;
+            let size = std::fs::read_to_string(format!("{dir}/size")).ok()?;
+            let size = size.trim();
+            let (num, unit) = size.split_at(size.find(|c: char| !c.is_ascii_digit())?);
+            let shift = match unit {
+                "K" => 10,
+                "M" => 20,
+                _ => return None,
+            };
+            (level.trim() == "3").then(|| num.parse::<usize>().ok().map(|n| n << shift))?
+        })
+        .map(|llc| 2 * llc)
+        .fold(MIN, usize::max)
+}
+
+/// Flushes every cache line of `lines` from every level of the cache hierarchy (x86-64's
+/// `clflush`; a no-op elsewhere, where [`eviction_bytes`] sizes the read instead).
+fn flush_lines(lines: &[Line]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_clflush, _mm_mfence};
+        for line in lines {
+            // SAFETY: `clflush` is part of SSE2, baseline on x86-64; it takes any address
+            // and `line` is a valid reference.
+            unsafe { _mm_clflush((line as *const Line).cast()) };
+        }
+        // SAFETY: SSE2, as above.
+        unsafe { _mm_mfence() };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = lines;
+}
+
 struct Timing {
     median_ms: f64,
     min_ms: f64,
     reps: usize,
 }
 
-fn time_calls(budget: f64, mut evict: impl FnMut(), mut call: impl FnMut()) -> Timing {
+/// Times `call(data)`, with `evict(data)` before each timed call (not timed).
+fn time_calls(
+    budget: f64,
+    data: &mut Data,
+    evict: impl Fn(&Data),
+    call: impl Fn(&mut Data),
+) -> Timing {
     // Warm-up: page in the data, spin up the pool, fill the scratch buffers.
     let t = Instant::now();
-    call();
+    call(data);
     let first = t.elapsed().as_secs_f64();
     if first < 0.05 {
         let t = Instant::now();
         while t.elapsed().as_secs_f64() < 0.05 {
-            call();
+            call(data);
         }
     }
     let reps = ((budget / first.max(1e-6)) as usize).clamp(3, 50);
     let mut ms: Vec<f64> = (0..reps)
         .map(|_| {
-            evict();
+            evict(data);
             let t = Instant::now();
-            call();
+            call(data);
             t.elapsed().as_secs_f64() * 1e3
         })
         .collect();
@@ -686,7 +748,7 @@ fn main() {
         println!("|---|---|---|---:|---:|---:|---:|---:|---:|");
     }
 
-    let cold = vec![1u8; 64 << 20];
+    let cold = vec![1u8; eviction_bytes()];
     let mut rng = StdRng::seed_from_u64(0x5eed);
     for shape in &opts.shapes {
         let mut data = Data::new(shape, &mut rng);
@@ -699,8 +761,12 @@ fn main() {
                 attn = attn.threads(threads);
                 let t = time_calls(
                     opts.budget,
-                    || evict_for(threads, &cold),
-                    || data.forward(shape, &attn),
+                    &mut data,
+                    |data| {
+                        evict_for(threads, &cold);
+                        data.flush();
+                    },
+                    |data| data.forward(shape, &attn),
                 );
                 assert!(
                     data.o.get().iter().all(|x| x.is_finite()),
