@@ -278,8 +278,9 @@ impl Layout {
             b: group / (blocks * self.tiles),
             g0,
             g1: (g0 + self.heads).min(d.hkv),
-            // Last Q tile first: under a causal mask it sees the most keys, and workers
-            // claim items in index order, so the longest items start first.
+            // Last Q tile first: under a causal mask it sees the most keys, and each
+            // worker claims its share's items in index order (`plan::Claims`), so the
+            // longest items start first.
             t: self.tiles - 1 - group % self.tiles,
             split: idx % self.splits,
             splits: self.splits,
