@@ -1701,6 +1701,15 @@ fn sum_lanes_4<S: Simd, const NK: usize>(simd: S, a: [[S::f32s; 4]; NK]) -> [[f3
         }
         return out;
     }
+    #[cfg(target_arch = "x86_64")]
+    if NK == 2
+        && let Some(&v4) = (&simd as &dyn core::any::Any).downcast_ref::<pulp::x86::V4>()
+    {
+        let s = sum_lanes_8_v4(v4, bytemuck::cast([a[0], a[1]]));
+        out[0] = [s[0], s[1], s[2], s[3]];
+        out[1] = [s[4], s[5], s[6], s[7]];
+        return out;
+    }
     for kk in 0..NK {
         for r in 0..4 {
             out[kk][r] = simd.reduce_sum_f32s(a[kk][r]);
@@ -1721,6 +1730,44 @@ fn sum_lanes_4_v3(simd: pulp::x86::V3, a: [core::arch::x86_64::__m256; 4]) -> [f
     let lo = simd.avx._mm256_castps256_ps128(h);
     let hi = simd.avx._mm256_extractf128_ps::<1>(h);
     bytemuck::cast(simd.sse._mm_add_ps(lo, hi))
+}
+
+/// The lane sums of eight AVX-512 vectors, in their order. Each step adds halves of two
+/// vectors at once (512 → 256 → 128 lanes' worth, then within 128-bit blocks), 22 µops
+/// against ~70 for eight separate reductions (each 256 + 128-bit extracts and two
+/// in-lane shuffles, all on the shuffle port), which took as many µops as the pass's 64
+/// FMAs. Decode c on Sapphire Rapids, one thread: 1.84 → 1.79 ms with K/V in L3; with
+/// K/V cold, where DRAM bounds it, 3.07 → 2.99 ms (within the noise).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn sum_lanes_8_v4(simd: pulp::x86::V4, a: [core::arch::x86_64::__m512; 8]) -> [f32; 8] {
+    let f = simd.avx512f;
+    // [x.b0, x.b1, y.b0, y.b1] + [x.b2, x.b3, y.b2, y.b3] (b: 128-bit blocks).
+    let halves = |x, y| {
+        f._mm512_add_ps(
+            f._mm512_shuffle_f32x4::<0x44>(x, y),
+            f._mm512_shuffle_f32x4::<0xee>(x, y),
+        )
+    };
+    let (w0, w1) = (halves(a[0], a[1]), halves(a[2], a[3]));
+    let (w2, w3) = (halves(a[4], a[5]), halves(a[6], a[7]));
+    // [x.b0, x.b2, y.b0, y.b2] + [x.b1, x.b3, y.b1, y.b3]: block i holds 4 partial sums
+    // of vector i (of a[0..4] in lo, a[4..8] in hi).
+    let quarters = |x, y| {
+        f._mm512_add_ps(
+            f._mm512_shuffle_f32x4::<0x88>(x, y),
+            f._mm512_shuffle_f32x4::<0xdd>(x, y),
+        )
+    };
+    let (lo, hi) = (quarters(w0, w1), quarters(w2, w3));
+    // Per block i: [lo0 + lo2, hi0 + hi2, lo1 + lo3, hi1 + hi3], then lanes 0 and 1 get
+    // the sums of a[i] and a[4 + i].
+    let c = f._mm512_add_ps(f._mm512_unpacklo_ps(lo, hi), f._mm512_unpackhi_ps(lo, hi));
+    let c = f._mm512_add_ps(c, f._mm512_permute_ps::<0x4e>(c));
+    let idx = f._mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0);
+    let r = f._mm512_permutexvar_ps(idx, c);
+    let r: [f32; 16] = bytemuck::cast(r);
+    core::array::from_fn(|i| r[i])
 }
 
 /// Scores of NK keys against every query row of a decode item, as dot products along
