@@ -11,7 +11,9 @@
 //!    once over `pulp::Simd` and entered through a `WithSimd` struct, best of 5 runs. For
 //!    the scalar backend on x86-64 the limit is SSE2 (4 lanes, multiply then add): the
 //!    crate is built for baseline x86-64 and LLVM auto-vectorises parts of the scalar
-//!    kernel with it.
+//!    kernel with it. The same loop on every thread at once gives the peak per thread
+//!    when all cores run (printed as a diagnostic: shared clocks or hyperthreads put it
+//!    below the one-core figure, and no schedule can scale past it).
 //! 2. **DRAM read bandwidth**: a SIMD sum over a 1 GiB buffer, on 1 thread and on every
 //!    thread count the run uses, best of 5.
 //! 3. **Attention**: each shape, backend and thread count; a warm-up call, then repeated
@@ -287,6 +289,14 @@ fn peak_loop(backend: Backend, iters: usize) -> (f64, f32) {
 
 /// One core's FMA peak for `backend` in GFLOP/s, best of 5 runs of ~0.1 s.
 fn measure_peak(backend: Backend) -> f64 {
+    measure_peak_on(backend, 1)
+}
+
+/// The FMA peak of `threads` threads running the peak loop at once, in GFLOP/s per
+/// thread, best of 5 runs of ~0.1 s. Below `measure_peak` where cores share a power or
+/// frequency budget (wider vectors on more cores often run at a lower clock) or are
+/// hyperthreads: the part of a scaling shortfall no schedule can win back.
+fn measure_peak_on(backend: Backend, threads: usize) -> f64 {
     let mut iters = 1 << 16;
     // Calibrate to ~0.1 s per run.
     loop {
@@ -301,10 +311,13 @@ fn measure_peak(backend: Backend) -> f64 {
     (0..5)
         .map(|_| {
             let t = Instant::now();
-            let (flops, x) = peak_loop(backend, iters);
-            let secs = t.elapsed().as_secs_f64();
-            black_box(x);
-            flops / secs / 1e9
+            let flops: f64 = std::thread::scope(|s| {
+                let hs: Vec<_> = (0..threads)
+                    .map(|_| s.spawn(|| black_box(peak_loop(backend, iters)).0))
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).sum()
+            });
+            flops / t.elapsed().as_secs_f64() / 1e9 / threads as f64
         })
         .fold(0.0, f64::max)
 }
@@ -703,6 +716,15 @@ fn main() {
     for &b in &opts.backends {
         peak.insert(b, measure_peak(b));
     }
+    // The same loop on the largest thread count at once, per thread (a diagnostic: "%
+    // peak" stays against threads × the one-core figure).
+    let all = opts.threads.iter().copied().max().unwrap_or(1);
+    let peak_all: BTreeMap<Backend, f64> = if all > 1 {
+        let m = opts.backends.iter().map(|&b| (b, measure_peak_on(b, all)));
+        m.collect()
+    } else {
+        BTreeMap::new()
+    };
     let mut bw = BTreeMap::new();
     {
         let buf = vec![1.0f32; (1 << 30) / 4]; // 1 GiB, every page touched
@@ -719,11 +741,17 @@ fn main() {
         .iter()
         .map(|(b, g)| format!("\"{}\": {g:.1}", b.name()))
         .collect();
+    let peak_all_json: Vec<String> = peak_all
+        .iter()
+        .map(|(b, g)| format!("\"{}\": {g:.1}", b.name()))
+        .collect();
     let bw_json: Vec<String> = bw.iter().map(|(t, g)| format!("\"{t}\": {g:.2}")).collect();
     if opts.json {
         println!(
-            "{{\"peak_gflops\": {{{}}}, \"bw_gbps\": {{{}}}, \"cores\": {cores}}}",
+            "{{\"peak_gflops\": {{{}}}, \"peak_gflops_per_thread_all\": {{{}}}, \
+             \"all_threads\": {all}, \"bw_gbps\": {{{}}}, \"cores\": {cores}}}",
             peak_json.join(", "),
+            peak_all_json.join(", "),
             bw_json.join(", ")
         );
     } else {
@@ -733,6 +761,16 @@ fn main() {
             .map(|(b, g)| format!("{} {g:.1}", b.name()))
             .collect();
         println!("measured FMA peak, one core (GFLOP/s): {}", p.join(", "));
+        if !peak_all.is_empty() {
+            let p: Vec<String> = peak_all
+                .iter()
+                .map(|(b, g)| format!("{} {g:.1}", b.name()))
+                .collect();
+            println!(
+                "measured FMA peak per thread, {all} threads at once (GFLOP/s): {}",
+                p.join(", ")
+            );
+        }
         let w: Vec<String> = bw
             .iter()
             .map(|(t, g)| format!("{t} thread{} {g:.1}", if *t == 1 { "" } else { "s" }))
