@@ -800,9 +800,13 @@ fn main() {
                 let t = time_calls(
                     opts.budget,
                     &mut data,
+                    // Flush first: the read after it (on every thread) leaves the
+                    // pool's threads awake when the call starts (flushing 32 MiB
+                    // takes milliseconds, long enough for them to park again), and
+                    // the TLB without K/V's pages, as after a model's other layers.
                     |data| {
-                        evict_for(threads, &cold);
                         data.flush();
+                        evict_for(threads, &cold);
                     },
                     |data| data.forward(shape, &attn),
                 );
