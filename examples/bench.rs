@@ -18,9 +18,9 @@
 //!    thread count the run uses, best of 5.
 //! 3. **Attention**: each shape, backend and thread count; a warm-up call, then repeated
 //!    timed calls (about `--budget` seconds, at least 3, at most 50), reporting the median.
-//!    Before every timed call a 64 MiB buffer is read and Q, K, V and O are flushed from
-//!    every cache level (`clflush` on x86-64; elsewhere the buffer is twice the last-level
-//!    cache instead), so K/V start cold, as they do in a model where every layer has its
+//!    Before every timed call Q, K, V and O are flushed from every cache level (`clflush`
+//!    on x86-64) and then a 64 MiB buffer is read (elsewhere, twice the last-level cache
+//!    and at least 64 MiB, in place of the flush), so K/V start cold, as they do in a model where every layer has its
 //!    own KV cache. A fixed-size read alone is not enough on hosts with a large L3: on a
 //!    Sapphire Rapids guest reporting 260 MiB of L3, decode c's 32 MiB of K+V stayed in it
 //!    and timed at 116–143 % of the DRAM bandwidth. With several threads every thread

@@ -844,9 +844,10 @@ fn run_item<
             continue;
         }
         // Multi-head items (decode) prefetch the next tile's K/V rows into L2 while
-        // computing this one, so that DRAM streams while they compute: with 16-key
-        // tiles (the next tile fits in L2 beside this one) and K/V read in place, decode
-        // c went from 64 to 94–98 % of the bandwidth on one thread (Ice Lake). K row j
+        // computing this one, so that DRAM streams while they compute: with the 16-key
+        // tiles of then (the next tile fits in L2 beside this one; BC_MH is 8 now) and K/V
+        // read in place, decode c went from 64 to 94–98 % of the bandwidth on one thread
+        // (Ice Lake). K row j
         // of head hi is prefetched during score row j of head hi. V rows read in place
         // are prefetched during their head's PV: spread over the column blocks of the
         // 4-row block, or all at once before the OR-row blocks (V rows that are copied
@@ -1691,8 +1692,8 @@ fn apply_modifiers<S: Simd, Q, KV, O>(
 }
 
 /// The lane sums of NK × 4 vectors: on AVX2 four at a time by horizontal adds (3
-/// `vhaddps`, an extract and an add for four, against 6 operations each), elsewhere one
-/// by one.
+/// `vhaddps`, an extract and an add for four, against 6 operations each), on AVX-512
+/// eight at a time when NK = 2 ([`sum_lanes_8_v4`]), elsewhere one by one.
 #[inline(always)]
 fn sum_lanes_4<S: Simd, const NK: usize>(simd: S, a: [[S::f32s; 4]; NK]) -> [[f32; 4]; NK] {
     // Plain loops: through `array::map`'s closures the intrinsics were not inlined (a
@@ -1737,7 +1738,7 @@ fn sum_lanes_4_v3(simd: pulp::x86::V3, a: [core::arch::x86_64::__m256; 4]) -> [f
 }
 
 /// The lane sums of eight AVX-512 vectors, in their order. Each step adds halves of two
-/// vectors at once (512 → 256 → 128 lanes' worth, then within 128-bit blocks), 22 µops
+/// vectors at once (512 → 256 → 128 lanes' worth, then within 128-bit blocks), 24 µops
 /// against ~70 for eight separate reductions (each 256 + 128-bit extracts and two
 /// in-lane shuffles, all on the shuffle port), which took as many µops as the pass's 64
 /// FMAs. Decode c on Sapphire Rapids, one thread: 1.84 → 1.79 ms with K/V in L3; with
