@@ -20,10 +20,11 @@
 //!    timed calls (about `--budget` seconds, at least 3, at most 50), reporting the median.
 //!    Before every timed call Q, K, V and O are flushed from every cache level (`clflush`
 //!    on x86-64) and then a 64 MiB buffer is read (elsewhere, twice the last-level cache
-//!    and at least 64 MiB, in place of the flush), so K/V start cold, as they do in a model where every layer has its
-//!    own KV cache. A fixed-size read alone is not enough on hosts with a large L3: on a
-//!    Sapphire Rapids guest reporting 260 MiB of L3, decode c's 32 MiB of K+V stayed in it
-//!    and timed at 116–143 % of the DRAM bandwidth. With several threads every thread
+//!    and at least 64 MiB, in place of the flush), so K/V start cold, as they do in a
+//!    model where every layer has its own KV cache. A fixed-size read alone is not enough
+//!    on hosts with a large L3: on a Sapphire Rapids guest reporting 260 MiB of L3,
+//!    decode c's 32 MiB of K+V stayed in it and timed at 116–143 % of the DRAM
+//!    bandwidth. With several threads every thread
 //!    of the pool reads its share (each core's L2 is private), which also leaves the
 //!    pool's threads awake when the call starts, as the other operators of a model step
 //!    leave them: in this VM a parked pool thread took about 1 ms to wake, longer than

@@ -847,14 +847,13 @@ fn run_item<
         // computing this one, so that DRAM streams while they compute: with the 16-key
         // tiles of then (the next tile fits in L2 beside this one; BC_MH is 8 now) and K/V
         // read in place, decode c went from 64 to 94–98 % of the bandwidth on one thread
-        // (Ice Lake). K row j
-        // of head hi is prefetched during score row j of head hi. V rows read in place
-        // are prefetched during their head's PV: spread over the column blocks of the
-        // 4-row block, or all at once before the OR-row blocks (V rows that are copied
-        // are still prefetched with K, during the sweep). Issued with K, all of a tile's
-        // prefetches came in a burst during the score sweep and none during PV, and on
-        // Zen 3 (whose software prefetches stall once the miss buffers fill) c32k ran
-        // 6–7 % slower on one and on two threads.
+        // (Ice Lake). K row j of head hi is prefetched during score row j of head hi.
+        // V rows read in place are prefetched during their head's PV: spread over the
+        // column blocks of the 4-row block, or all at once before the OR-row blocks (V
+        // rows that are copied are still prefetched with K, during the sweep). Issued
+        // with K, all of a tile's prefetches came in a burst during the score sweep and
+        // none during PV, and on Zen 3 (whose software prefetches stall once the miss
+        // buffers fill) c32k ran 6–7 % slower on one and on two threads.
         // Single-head items do not prefetch: their next Q tile finds K/V in the panel
         // cache, and spreading prefetches of the next KV tile over the first pass
         // measured no better on a and d.
