@@ -49,6 +49,13 @@ pub trait Element: sealed::Sealed + Copy + Send + Sync + 'static {
     fn as_f32_mut(_dst: &mut [Self]) -> Option<&mut [f32]> {
         None
     }
+    /// The raw 16-bit words of f16 (`Some((words, false))`) or bf16 (`Some((words,
+    /// true))`) storage, for kernels that convert as they load.
+    #[doc(hidden)]
+    #[inline(always)]
+    fn as_half_bits(_src: &[Self]) -> Option<(&[u16], bool)> {
+        None
+    }
     /// Converts one value to f32 (used by the reference, not by the kernels).
     fn to_f32(self) -> f32;
     /// Converts one f32, rounding to nearest even.
@@ -85,6 +92,10 @@ impl Element for f32 {
 
 impl Element for f16 {
     const NAME: &'static str = "f16";
+    #[inline(always)]
+    fn as_half_bits(src: &[f16]) -> Option<(&[u16], bool)> {
+        Some((bytemuck::cast_slice(src), false))
+    }
     /// With F16C, 8 values per `vcvtph2ps`: `half`'s slice conversion detects F16C
     /// too, but calls a function per 8 values through a copy, and decode over an f16 KV
     /// cache spent 44 % of its time there.
@@ -172,6 +183,10 @@ unsafe fn f16c_rows(
 
 impl Element for bf16 {
     const NAME: &'static str = "bf16";
+    #[inline(always)]
+    fn as_half_bits(src: &[bf16]) -> Option<(&[u16], bool)> {
+        Some((bytemuck::cast_slice(src), true))
+    }
     /// A bf16 is the high half of an f32: one shift per value, which the compiler
     /// vectorises. (`half`'s slice conversion quiets signalling NaNs on the way, a
     /// per-value branch that made it several times slower; a NaN stays a NaN here too.)

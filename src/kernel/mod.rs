@@ -695,6 +695,26 @@ fn run_item<
             .kv
             .v_in_place(it.b, it.g0, 0)
             .is_some_and(|(_, vs)| vs.is_multiple_of(lanes));
+    // So do those over f16 or bf16 K and V on AVX-512, converting each vector as it is
+    // loaded (`tile::HalfRows`; rows of whole vectors, any stride): converted into
+    // scratch first, decode c over an f16 cache ran slower than over f32 (2.15 against
+    // 1.82 ms with K/V in L3, Sapphire Rapids), a quarter of it in the conversion calls,
+    // though it reads half the bytes. `Some(bf16?)` with the V4 token.
+    #[cfg(target_arch = "x86_64")]
+    let half = (&simd as &dyn core::any::Any)
+        .downcast_ref::<pulp::x86::V4>()
+        .copied()
+        .filter(|_| {
+            dot && d.skv > 0
+                && dqk.is_multiple_of(16)
+                && dv.is_multiple_of(16)
+                && ctx.kv.v_half(it.b, it.g0, 0).is_some()
+        })
+        .and_then(|v4| Some((v4, ctx.kv.k_half(it.b, it.g0, 0)?.2)));
+    #[cfg(not(target_arch = "x86_64"))]
+    let half: Option<((), bool)> = None;
+    // K and V rows are read where they are, not copied into K̂/V̂.
+    let direct = in_place || half.is_some();
     // K̂: a tile of one head, or (dot-product items) the two keys of one score pass; V̂:
     // a tile of one head. Rows that are not read in place are converted into them just
     // before use, so they stay in L1.
@@ -889,6 +909,14 @@ fn run_item<
             } else {
                 None
             };
+            // Or as halves.
+            #[cfg(target_arch = "x86_64")]
+            let khalf = if half.is_some() {
+                let (src, sj, _) = ctx.kv.k_half(it.b, it.g0, ju).expect("half K");
+                Some((src, sj, ctx.kv.k.strides[2]))
+            } else {
+                None
+            };
             let mut j = 0;
             while j < n {
                 let nk = (n - j).min(2);
@@ -899,13 +927,13 @@ fn run_item<
                             prefetch(ctx.kv.k.row(it.b, j1 as usize + jj, g));
                         }
                     }
-                    if !in_place {
+                    if !direct {
                         prefetch_v(g, j, j + nk);
                     }
                     // K rows not read in place: keys j.. of head g are converted (or
                     // copied) into K̂ just before use, padded with zeros (the dot
                     // products read whole vectors).
-                    if kin.is_none() {
+                    if !direct {
                         let kh = floats_mut::<S>(&mut sc.k);
                         let jj = ju + j;
                         fetch_rows::<S>(ctx.kv.k_in_place(it.b, g, jj), kh, kst, nk, dqk, |dst| {
@@ -930,11 +958,29 @@ fn run_item<
                     let srows = &mut floats_mut::<S>(&mut sc.st)[j * rs_s..][..nk * rs_s];
                     let (s0, s1) = srows.split_at_mut(rs_s);
                     let s0 = &mut s0[off..off + nr];
-                    if nk == 2 {
-                        let k = [krow(j), krow(j + 1)];
-                        dot_rows::<S, 2>(simd, k, qh, dv_, [s0, &mut s1[off..off + nr]]);
-                    } else {
-                        dot_rows::<S, 1>(simd, [krow(j)], qh, dv_, [s0]);
+                    #[cfg(target_arch = "x86_64")]
+                    if let (Some((v4, bf)), Some((src, sj, sh))) = (half, khalf) {
+                        let kr = |jj: usize| src[jj * sj + hi * sh..][..dqk].as_ptr();
+                        let qh = bytemuck::cast_slice(qh);
+                        // SAFETY: each K row holds dqk = 16·dv_ values (sliced above).
+                        unsafe {
+                            if nk == 2 {
+                                let s1 = &mut s1[off..off + nr];
+                                dot_rows_half::<2>(v4, bf, [kr(j), kr(j + 1)], qh, dv_, [s0, s1]);
+                            } else {
+                                dot_rows_half::<1>(v4, bf, [kr(j)], qh, dv_, [s0]);
+                            }
+                        }
+                        continue;
+                    }
+                    // SAFETY: every K row is dv_ vectors long (`krow`).
+                    unsafe {
+                        if nk == 2 {
+                            let k = [krow(j).as_ptr(), krow(j + 1).as_ptr()];
+                            dot_rows::<S, 2, _>(simd, k, qh, dv_, [s0, &mut s1[off..off + nr]]);
+                        } else {
+                            dot_rows::<S, 1, _>(simd, [krow(j).as_ptr()], qh, dv_, [s0]);
+                        }
                     }
                 }
                 j += nk;
@@ -1024,7 +1070,13 @@ fn run_item<
             // V, so in place it costs no copy, and rows that share an L1 set (BSHD rows
             // 4 KiB apart) cost one L2 read per key.
             let mut vsrc: (*const f32, usize) = (core::ptr::null(), vrow);
-            if cache {
+            // Or V rows of halves, converted as the PV blocks load them: (row 0, stride).
+            let mut vhalf: Option<(*const u16, usize)> = None;
+            if half.is_some() {
+                let (src, stride, _) = ctx.kv.v_half(it.b, g, ju).expect("half V");
+                assert!(n > 0 && (n - 1) * stride + dv <= src.len());
+                vhalf = Some((src.as_ptr(), stride));
+            } else if cache {
                 vsrc = (cached.1, if o_rows { vrow } else { MC });
             } else if in_place {
                 let (src, stride) = ctx.kv.v_in_place(it.b, g, ju).expect("f32 V");
@@ -1039,7 +1091,7 @@ fn run_item<
                 assert!((n - 1) * stride + dv <= src.len());
                 vsrc = (src.as_ptr(), stride);
             }
-            if vsrc.0.is_null() {
+            if vsrc.0.is_null() && vhalf.is_none() {
                 assert!(n * vrow <= sc.v.len() * lanes);
                 let vh = floats_mut::<S>(&mut sc.v);
                 if dot {
@@ -1102,11 +1154,11 @@ fn run_item<
                             let s = sp.add(kb * MK * rsv + rb);
                             let z = core::ptr::null();
                             if cache {
-                                tile::bcast_block_w::<S, MK, NVQ, { tile::SET }>(
+                                tile::bcast_block_w::<S, MK, NVQ, { tile::SET }, _>(
                                     simd, w, k, 1, MK, q, NVQ, dqk, s, rsv, z,
                                 )
                             } else {
-                                tile::bcast_block_w::<S, MK, NVQ, { tile::SET }>(
+                                tile::bcast_block_w::<S, MK, NVQ, { tile::SET }, _>(
                                     simd, w, k, kr, kd_, q, NVQ, dqk, s, rsv, z,
                                 )
                             }
@@ -1165,7 +1217,7 @@ fn run_item<
                     let mut cb = 0;
                     while cb < dvqv {
                         let w = (dvqv - cb).min(nvo);
-                        if in_place {
+                        if direct {
                             // Block b of nb prefetches the next tile's rows b·bc/nb..
                             let b = cb / nvo;
                             prefetch_v(g, b * bc / nb, (b + 1) * bc / nb);
@@ -1174,21 +1226,30 @@ fn run_item<
                         unsafe {
                             let vs = vstride / lanes;
                             let a = pp.add(klo * p_key);
-                            let b = vv.add(cb + klo * vs);
                             let o = op.add(cb);
                             let al = alpha.as_ptr();
                             let red = khi - klo;
                             // w ≤ nvo: the 4-vector instantiation dispatches narrower
                             // widths (2 on 16-register ISAs) to their own blocks.
-                            tile::bcast_block_w::<S, 4, 4, { tile::ACC_ROWS }>(
-                                simd, w, a, 1, p_key, b, vs, red, o, dvqv, al,
-                            )
+                            match (half, vhalf) {
+                                #[cfg(target_arch = "x86_64")]
+                                (Some((v4, bf)), Some((vh, hs))) => {
+                                    let b = vh.add(cb * 16 + klo * hs);
+                                    pv_half::<S, 4, 4>(v4, bf, w, a, p_key, b, hs, red, o, dvqv, al)
+                                }
+                                _ => {
+                                    let b = vv.add(cb + klo * vs);
+                                    tile::bcast_block_w::<S, 4, 4, { tile::ACC_ROWS }, _>(
+                                        simd, w, a, 1, p_key, b, vs, red, o, dvqv, al,
+                                    )
+                                }
+                            }
                         }
                         cb += w;
                     }
                     continue;
                 }
-                if in_place {
+                if direct {
                     prefetch_v(g, 0, bc);
                 }
                 for r0 in (0..nr).step_by(OR) {
@@ -1207,22 +1268,24 @@ fn run_item<
                         unsafe {
                             let vs = vstride / lanes;
                             let a = pp.add(p_at(r0) + klo * p_key);
-                            let b = vv.add(cb + klo * vs);
                             let o = op.add(r0 * dvqv + cb);
                             let al = alpha.as_ptr().add(r0);
-                            tile::bcast_block_w::<S, OR, NVO, { tile::ACC_ROWS }>(
-                                simd,
-                                w,
-                                a,
-                                1,
-                                p_key,
-                                b,
-                                vs,
-                                khi - klo,
-                                o,
-                                dvqv,
-                                al,
-                            )
+                            let red = khi - klo;
+                            match (half, vhalf) {
+                                #[cfg(target_arch = "x86_64")]
+                                (Some((v4, bf)), Some((vh, hs))) => {
+                                    let b = vh.add(cb * 16 + klo * hs);
+                                    pv_half::<S, OR, NVO>(
+                                        v4, bf, w, a, p_key, b, hs, red, o, dvqv, al,
+                                    )
+                                }
+                                _ => {
+                                    let b = vv.add(cb + klo * vs);
+                                    tile::bcast_block_w::<S, OR, NVO, { tile::ACC_ROWS }, _>(
+                                        simd, w, a, 1, p_key, b, vs, red, o, dvqv, al,
+                                    )
+                                }
+                            }
                         }
                         cb += w;
                     }
@@ -1248,7 +1311,7 @@ fn run_item<
                         let o = op.add(cb * rsv + rb);
                         let al = alpha.as_ptr().add(rb * lanes);
                         let red = khi - klo;
-                        tile::bcast_block_w::<S, MC, NVP, { tile::ACC_LANES }>(
+                        tile::bcast_block_w::<S, MC, NVP, { tile::ACC_LANES }, _>(
                             simd, w, v, 1, vstride, pr, rsv, red, o, rsv, al,
                         )
                     }
@@ -1774,32 +1837,100 @@ fn sum_lanes_8_v4(simd: pulp::x86::V4, a: [core::arch::x86_64::__m512; 8]) -> [f
     core::array::from_fn(|i| r[i])
 }
 
+/// [`dot_rows`] over K rows of f16 (`bf` false) or bf16 values, converted as they load.
+///
+/// # Safety
+/// Each `k` row holds `16·dv` values.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn dot_rows_half<const NK: usize>(
+    simd: pulp::x86::V4,
+    bf: bool,
+    k: [*const u16; NK],
+    qh: &[pulp::f32x16],
+    dv: usize,
+    s: [&mut [f32]; NK],
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        if bf {
+            dot_rows::<_, NK, _>(simd, k.map(tile::HalfRows::<true>), qh, dv, s)
+        } else {
+            dot_rows::<_, NK, _>(simd, k.map(tile::HalfRows::<false>), qh, dv, s)
+        }
+    }
+}
+
+/// The row-major PV block ([`tile::bcast_block_w`], `ACC_ROWS`, P broadcast with unit
+/// row stride) over V rows of f16 (`bf` false) or bf16 values, `b_stride` values apart,
+/// converted as they load. `S` is the caller's backend, V4 itself.
+///
+/// # Safety
+/// As [`tile::bcast_block_w`], with V row `t` at `b + t·b_stride` holding `16·w` values.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn pv_half<S: Simd, const M: usize, const NV: usize>(
+    simd: pulp::x86::V4,
+    bf: bool,
+    w: usize,
+    a: *const f32,
+    a_red: usize,
+    b: *const u16,
+    b_stride: usize,
+    red: usize,
+    c: *mut S::f32s,
+    c_stride: usize,
+    alpha: *const f32,
+) {
+    debug_assert_eq!(S::F32_LANES, 16);
+    let c = c as *mut pulp::f32x16;
+    // SAFETY: the caller's contract.
+    unsafe {
+        if bf {
+            let b = tile::HalfRows::<true>(b);
+            tile::bcast_block_w::<_, M, NV, { tile::ACC_ROWS }, _>(
+                simd, w, a, 1, a_red, b, b_stride, red, c, c_stride, alpha,
+            )
+        } else {
+            let b = tile::HalfRows::<false>(b);
+            tile::bcast_block_w::<_, M, NV, { tile::ACC_ROWS }, _>(
+                simd, w, a, 1, a_red, b, b_stride, red, c, c_stride, alpha,
+            )
+        }
+    }
+}
+
 /// Scores of NK keys against every query row of a decode item, as dot products along
 /// the head dim: `s[k][r] = K_k · Q_r` for the `qh.len() / dv` rows of `qh` (row-major,
-/// `dv` vectors each). Four query rows × NK keys per pass keep 4·NK independent FMA
-/// chains: with one key (4 chains of d/lanes dependent FMAs) the loop was bound by the
-/// FMA latency, not its throughput.
+/// `dv` vectors each), K rows of f32 vectors or of halves converted as they load. Four
+/// query rows × NK keys per pass keep 4·NK independent FMA chains: with one key (4
+/// chains of d/lanes dependent FMAs) the loop was bound by the FMA latency, not its
+/// throughput.
+///
+/// # Safety
+/// Vectors `0..dv` of each of the `k` rows are readable ([`tile::Rows::get`]).
 #[inline(always)]
-fn dot_rows<S: Simd, const NK: usize>(
+unsafe fn dot_rows<S: Simd, const NK: usize, K: tile::Rows<S>>(
     simd: S,
-    k: [&[S::f32s]; NK],
+    k: [K; NK],
     qh: &[S::f32s],
     dv: usize,
     s: [&mut [f32]; NK],
 ) {
     let zero = simd.splat_f32s(0.0);
     let rows = qh.len() / dv;
-    for kk in 0..NK {
-        assert!(k[kk].len() == dv && s[kk].len() >= rows);
+    for sk in &s {
+        assert!(sk.len() >= rows);
     }
     let mut x = 0;
     while x + 4 <= rows {
         let q = &qh[x * dv..][..4 * dv];
         let mut a = [[zero; 4]; NK];
         let qp = q.as_ptr();
-        let kp: [*const S::f32s; NK] = core::array::from_fn(|kk| k[kk].as_ptr());
         for t in 0..dv {
-            // SAFETY: t < dv, the length of every K row and of each of the 4 Q rows.
+            // SAFETY: t < dv, the length of each of the 4 Q rows, and K's by the
+            // caller.
             unsafe {
                 let y = [
                     *qp.add(t),
@@ -1808,7 +1939,7 @@ fn dot_rows<S: Simd, const NK: usize>(
                     *qp.add(3 * dv + t),
                 ];
                 for kk in 0..NK {
-                    let kv = *kp[kk].add(t);
+                    let kv = k[kk].get(simd, t);
                     for r in 0..4 {
                         a[kk][r] = simd.mul_add_e_f32s(kv, y[r], a[kk][r]);
                     }
@@ -1824,9 +1955,10 @@ fn dot_rows<S: Simd, const NK: usize>(
     while x < rows {
         let q = &qh[x * dv..][..dv];
         let mut a = [zero; NK];
-        for t in 0..dv {
+        for (t, &qt) in q.iter().enumerate() {
             for kk in 0..NK {
-                a[kk] = simd.mul_add_e_f32s(k[kk][t], q[t], a[kk]);
+                // SAFETY: t < dv (by the caller).
+                a[kk] = simd.mul_add_e_f32s(unsafe { k[kk].get(simd, t) }, qt, a[kk]);
             }
         }
         for kk in 0..NK {

@@ -16,6 +16,65 @@
 
 use pulp::Simd;
 
+/// The loaded operand of a block: rows of vectors, one row per reduction step.
+///
+/// f32 rows are read as they are (`*const S::f32s`, offsets in vectors); rows of 16-bit
+/// floats ([`HalfRows`], AVX-512 only) are converted as they are loaded (offsets in
+/// values), so a decode over an f16 or bf16 KV cache reads K and V once, in place,
+/// instead of converting each tile into scratch first.
+pub(crate) trait Rows<S: Simd>: Copy {
+    /// Vector `v` of the current row.
+    ///
+    /// # Safety
+    /// The vector lies within the caller's extent.
+    unsafe fn get(self, simd: S, v: usize) -> S::f32s;
+    /// The position `n` units on (vectors for f32, values for halves); never read
+    /// unless [`Rows::get`]'s contract holds there.
+    fn add(self, n: usize) -> Self;
+}
+
+impl<S: Simd> Rows<S> for *const S::f32s {
+    #[inline(always)]
+    unsafe fn get(self, _: S, v: usize) -> S::f32s {
+        // SAFETY: within the caller's extent (V̂ rows are vector-aligned only in scratch,
+        // so read unaligned).
+        unsafe { self.add(v).read_unaligned() }
+    }
+    #[inline(always)]
+    fn add(self, n: usize) -> Self {
+        self.wrapping_add(n)
+    }
+}
+
+/// Rows of f16 (`BF` false) or bf16 (`BF` true) values, 16 per vector, converted to f32
+/// as they are loaded: one `vcvtph2ps`, or a zero-extension and a shift (a bf16 is the
+/// high half of an f32), per vector. Both conversions are exact, so results are the
+/// same bits as converting into scratch first.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+pub(crate) struct HalfRows<const BF: bool>(pub *const u16);
+
+#[cfg(target_arch = "x86_64")]
+impl<const BF: bool> Rows<pulp::x86::V4> for HalfRows<BF> {
+    #[inline(always)]
+    unsafe fn get(self, simd: pulp::x86::V4, v: usize) -> pulp::f32x16 {
+        use core::arch::x86_64::__m256i;
+        let f = simd.avx512f;
+        // SAFETY: 16 values from `v·16` lie within the caller's extent.
+        let h = unsafe { (self.0.add(16 * v) as *const __m256i).read_unaligned() };
+        let x = if BF {
+            f._mm512_castsi512_ps(f._mm512_slli_epi32::<16>(f._mm512_cvtepu16_epi32(h)))
+        } else {
+            f._mm512_cvtph_ps(h)
+        };
+        bytemuck::cast(x)
+    }
+    #[inline(always)]
+    fn add(self, n: usize) -> Self {
+        HalfRows(self.0.wrapping_add(n))
+    }
+}
+
 /// No accumulation: `c` is overwritten.
 pub(crate) const SET: u8 = 0;
 /// `c` is accumulated after scaling by one factor per lane: `alpha[lane of v]`.
@@ -29,17 +88,24 @@ pub(crate) const ACC_ROWS: u8 = 2;
 ///
 /// # Safety
 /// - `a` is valid for reads at every `i·a_row + t·a_red` (`i < M`, `t < red`);
-/// - `b` is valid for reads of `(red - 1) * b_stride + NV` vectors (when `red > 0`);
+/// - `b` is valid for reads of vectors `v < NV` at `t·b_stride` ([`Rows::add`]) for
+///   `t < red`;
 /// - `c` is valid for writes (and reads unless `SET`) of `(M - 1) * c_stride + NV` vectors;
 /// - `alpha` is valid for reads of `NV` vectors (`ACC_LANES`) or `M` floats (`ACC_ROWS`).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub(crate) unsafe fn bcast_block<S: Simd, const M: usize, const NV: usize, const MODE: u8>(
+pub(crate) unsafe fn bcast_block<
+    S: Simd,
+    const M: usize,
+    const NV: usize,
+    const MODE: u8,
+    B: Rows<S>,
+>(
     simd: S,
     a: *const f32,
     a_row: usize,
     a_red: usize,
-    b: *const S::f32s,
+    b: B,
     b_stride: usize,
     red: usize,
     c: *mut S::f32s,
@@ -76,8 +142,8 @@ pub(crate) unsafe fn bcast_block<S: Simd, const M: usize, const NV: usize, const
             let mut x = [zero; NV];
             for (v, xv) in x.iter_mut().enumerate() {
                 // SAFETY: v < NV at a reduction step t < red: within the caller's `b`
-                // extent (V̂ rows are vector-aligned only in scratch, so read unaligned).
-                *xv = unsafe { bt.add(v).read_unaligned() };
+                // extent.
+                *xv = unsafe { bt.get(simd, v) };
             }
             for (i, row) in acc.iter_mut().enumerate() {
                 // SAFETY: i < M at a reduction step t < red: within the caller's `a` extent.
@@ -87,7 +153,7 @@ pub(crate) unsafe fn bcast_block<S: Simd, const M: usize, const NV: usize, const
                 }
             }
             off += a_red;
-            bt = bt.wrapping_add(b_stride);
+            bt = bt.add(b_stride);
         };
     }
     // Two steps per iteration: 2–5 % faster on a and d than one (interleaved runs).
@@ -113,13 +179,19 @@ pub(crate) unsafe fn bcast_block<S: Simd, const M: usize, const NV: usize, const
 /// As [`bcast_block`] with `w` in place of `NV`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub(crate) unsafe fn bcast_block_w<S: Simd, const M: usize, const NV: usize, const MODE: u8>(
+pub(crate) unsafe fn bcast_block_w<
+    S: Simd,
+    const M: usize,
+    const NV: usize,
+    const MODE: u8,
+    B: Rows<S>,
+>(
     simd: S,
     w: usize,
     a: *const f32,
     a_row: usize,
     a_red: usize,
-    b: *const S::f32s,
+    b: B,
     b_stride: usize,
     red: usize,
     c: *mut S::f32s,
@@ -130,16 +202,16 @@ pub(crate) unsafe fn bcast_block_w<S: Simd, const M: usize, const NV: usize, con
     // SAFETY: the caller's contract, for the `w` vectors each instantiation touches.
     unsafe {
         match w {
-            _ if w == NV => bcast_block::<S, M, NV, MODE>(
+            _ if w == NV => bcast_block::<S, M, NV, MODE, B>(
                 simd, a, a_row, a_red, b, b_stride, red, c, c_stride, alpha,
             ),
-            1 => bcast_block::<S, M, 1, MODE>(
+            1 => bcast_block::<S, M, 1, MODE, B>(
                 simd, a, a_row, a_red, b, b_stride, red, c, c_stride, alpha,
             ),
-            2 => bcast_block::<S, M, 2, MODE>(
+            2 => bcast_block::<S, M, 2, MODE, B>(
                 simd, a, a_row, a_red, b, b_stride, red, c, c_stride, alpha,
             ),
-            _ => bcast_block::<S, M, 3, MODE>(
+            _ => bcast_block::<S, M, 3, MODE, B>(
                 simd, a, a_row, a_red, b, b_stride, red, c, c_stride, alpha,
             ),
         }

@@ -27,6 +27,16 @@ impl<T: Element> KvSource for DenseKv<'_, T> {
     }
 
     #[inline]
+    fn k_half(&self, b: usize, g: usize, j0: usize) -> Option<(&[u16], usize, bool)> {
+        rows_half(&self.k, b, g, j0)
+    }
+
+    #[inline]
+    fn v_half(&self, b: usize, g: usize, j0: usize) -> Option<(&[u16], usize, bool)> {
+        rows_half(&self.v, b, g, j0)
+    }
+
+    #[inline]
     fn pack_v(&self, b: usize, g: usize, j0: usize, n: usize, dst: &mut [f32], stride: usize) {
         pack(&self.v, b, g, j0, n, dst, stride)
     }
@@ -67,4 +77,17 @@ fn rows_in_place<'t, T: Element>(
 ) -> Option<(&'t [f32], usize)> {
     let all = T::as_f32(t.data)?;
     Some((&all[t.offset(b, j0, g)..], t.strides[1]))
+}
+
+/// Rows of `(b, g)` from key `j0` on as 16-bit words, their stride and whether they are
+/// bf16, when `t` is f16 or bf16.
+#[inline]
+fn rows_half<'t, T: Element>(
+    t: &Tensor<'t, T>,
+    b: usize,
+    g: usize,
+    j0: usize,
+) -> Option<(&'t [u16], usize, bool)> {
+    let (all, bf) = T::as_half_bits(t.data)?;
+    Some((&all[t.offset(b, j0, g)..], t.strides[1], bf))
 }

@@ -27,6 +27,13 @@ pub(crate) trait KvSource: Sync {
     /// V rows of `(batch, kv_head)` from key `j0` on, read in place when they are
     /// already f32: the slice starts at row `j0` and rows are `stride` floats apart.
     fn v_in_place(&self, batch: usize, kv_head: usize, j0: usize) -> Option<(&[f32], usize)>;
+    /// K rows of `(batch, kv_head)` from key `j0` on as raw 16-bit words, when they are
+    /// f16 (`false`) or bf16 (`true`): the slice starts at row `j0` and rows are `stride`
+    /// values apart. (Only AVX-512 reads halves in place.)
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    fn k_half(&self, batch: usize, kv_head: usize, j0: usize) -> Option<(&[u16], usize, bool)>;
+    /// V rows as [`KvSource::k_half`] gives K rows.
+    fn v_half(&self, batch: usize, kv_head: usize, j0: usize) -> Option<(&[u16], usize, bool)>;
     /// Writes values `j0..j0 + n` as rows of `dst`, `stride` floats apart, each `d_v` long.
     fn pack_v(
         &self,

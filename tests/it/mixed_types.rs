@@ -162,3 +162,65 @@ fn strided_row_conversions_match_rows() {
     check::<bf16>(bf16::from_bits);
     check::<f32>(|b| f32::from(b) - 2000.0);
 }
+
+/// Decode over f16 and bf16 K/V caches, which AVX-512 reads in place and converts as the
+/// score and PV blocks load it (head dims of whole vectors; other dims convert into
+/// scratch): GQA groups that fill part of a 4-row block, exactly one, or OR-row blocks
+/// (8 and 12 rows), one and two queries, head dims from one vector to eight and
+/// `dv ≠ dqk`, odd strides (unaligned rows) and V inside K's buffer, tail tiles and
+/// split-KV, with every modifier; and bit identity across thread counts.
+#[test]
+fn half_kv_decode_in_place() {
+    use common::{Layout, Sinks, check_sampled, run, sampled};
+    let odd = Layout::Strided {
+        order: 1,
+        row_pad: 3,
+        mid_pad: 1,
+        outer_pad: 5,
+    };
+    let mut n = 0u64;
+    for tkv in [DType::F16, DType::Bf16] {
+        for &(hq, hkv) in &[(4usize, 4usize), (6, 3), (12, 4), (20, 4), (16, 2), (12, 1)] {
+            for &(dqk, dv) in &[(16usize, 16usize), (64, 32), (128, 128), (48, 80), (72, 72)] {
+                for &skv in &[1usize, 9, 70, 1100] {
+                    n += 1;
+                    let mut c = Case::new(
+                        1 + (n % 2) as usize,
+                        1 + n.is_multiple_of(3) as usize,
+                        skv,
+                        hq,
+                        hkv,
+                        dqk,
+                        dv,
+                    );
+                    (c.tkv, c.seed) = (tkv, n);
+                    c.amp = [1.5, 3.0, 2.0];
+                    match n % 4 {
+                        0 => (c.lk, c.lv) = (Layout::Bhsd, odd),
+                        1 => (c.lk, c.lv) = (odd, Layout::Bshd),
+                        2 => c.v_alias_k = dv <= dqk,
+                        _ => {}
+                    }
+                    if n.is_multiple_of(5) {
+                        c.causal = true;
+                        c.window = Some((40, 0));
+                        c.softcap = Some(8.0);
+                        c.alibi = Some(1.0);
+                        c.sinks = Some(Sinks::Random(2.0));
+                        c.bias = Some(BiasSpec::default());
+                    }
+                    check_sampled(&c);
+                    if skv > 1000 && sampled(&c) {
+                        let data = c.data();
+                        for be in common::backends() {
+                            c.threads = 1;
+                            let one = run(&c, &data, be).unwrap().bits;
+                            c.threads = 0;
+                            assert_eq!(run(&c, &data, be).unwrap().bits, one, "{be}: {c:?}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
