@@ -18,6 +18,9 @@
 //!    thread count the run uses, best of 5.
 //! 3. **Attention**: each shape, backend and thread count; a warm-up call, then repeated
 //!    timed calls (about `--budget` seconds, at least 3, at most 50), reporting the median.
+//!    The thread counts of a shape and backend take turns call by call, so that they
+//!    share the host's conditions, and each reports its speedup over one thread (`×
+//!    1 thread`, JSON `speedup`) from those medians.
 //!    Before every timed call Q, K, V and O are flushed from every cache level (`clflush`
 //!    on x86-64) and then a 64 MiB buffer is read (elsewhere, twice the last-level cache
 //!    and at least 64 MiB, in place of the flush), so K/V start cold, as they do in a
@@ -566,43 +569,60 @@ struct Timing {
     reps: usize,
 }
 
-/// Times `call(data)`, with `evict(data)` before each timed call (not timed).
+/// Times `call(data, i)` for each of `runs` runs (the thread counts of one shape and
+/// backend), with `evict(data, i)` before each timed call (not timed).
+///
+/// The runs take turns, one call each per round, so that they share the machine's
+/// conditions: timed one after the other on this shared host, a run that met a busy
+/// neighbour's minute made the two-thread speedup anywhere from 1.64 to 1.92× for the
+/// same build.
 fn time_calls(
     budget: f64,
     data: &mut Data,
-    evict: impl Fn(&Data),
-    call: impl Fn(&mut Data),
-) -> Timing {
+    runs: usize,
+    evict: impl Fn(&Data, usize),
+    call: impl Fn(&mut Data, usize),
+) -> Vec<Timing> {
     // Warm-up: page in the data, spin up the pool, fill the scratch buffers.
-    let t = Instant::now();
-    call(data);
-    let first = t.elapsed().as_secs_f64();
-    if first < 0.05 {
+    let mut first = 0.0;
+    for i in 0..runs {
         let t = Instant::now();
-        while t.elapsed().as_secs_f64() < 0.05 {
-            call(data);
+        call(data, i);
+        let f = t.elapsed().as_secs_f64();
+        if f < 0.05 {
+            let t = Instant::now();
+            while t.elapsed().as_secs_f64() < 0.05 {
+                call(data, i);
+            }
+        }
+        first += f;
+    }
+    // `budget` seconds per run.
+    let reps = ((budget * runs as f64 / first.max(1e-6)) as usize).clamp(3, 50);
+    let mut ms = vec![Vec::with_capacity(reps); runs];
+    for _ in 0..reps {
+        for (i, ms) in ms.iter_mut().enumerate() {
+            evict(data, i);
+            let t = Instant::now();
+            call(data, i);
+            ms.push(t.elapsed().as_secs_f64() * 1e3);
         }
     }
-    let reps = ((budget / first.max(1e-6)) as usize).clamp(3, 50);
-    let mut ms: Vec<f64> = (0..reps)
-        .map(|_| {
-            evict(data);
-            let t = Instant::now();
-            call(data);
-            t.elapsed().as_secs_f64() * 1e3
+    ms.into_iter()
+        .map(|mut ms| {
+            ms.sort_by(f64::total_cmp);
+            let median_ms = if reps % 2 == 1 {
+                ms[reps / 2]
+            } else {
+                0.5 * (ms[reps / 2 - 1] + ms[reps / 2])
+            };
+            Timing {
+                median_ms,
+                min_ms: ms[0],
+                reps,
+            }
         })
-        .collect();
-    ms.sort_by(f64::total_cmp);
-    let median_ms = if reps % 2 == 1 {
-        ms[reps / 2]
-    } else {
-        0.5 * (ms[reps / 2 - 1] + ms[reps / 2])
-    };
-    Timing {
-        median_ms,
-        min_ms: ms[0],
-        reps,
-    }
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -782,9 +802,9 @@ fn main() {
         );
         println!();
         println!(
-            "| shape | problem | backend | threads | median ms | GFLOP/s | % peak | GB/s K+V | % bw |"
+            "| shape | problem | backend | threads | median ms | × 1 thread | GFLOP/s | % peak | GB/s K+V | % bw |"
         );
-        println!("|---|---|---|---:|---:|---:|---:|---:|---:|");
+        println!("|---|---|---|---:|---:|---:|---:|---:|---:|---:|");
     }
 
     let cold = vec![1u8; eviction_bytes()];
@@ -792,29 +812,34 @@ fn main() {
     for shape in &opts.shapes {
         let mut data = Data::new(shape, &mut rng);
         for &backend in &opts.backends {
-            for &threads in &opts.threads {
-                let mut attn = Attention::new().backend(backend);
-                if shape.causal {
-                    attn = attn.causal();
-                }
-                attn = attn.threads(threads);
-                let t = time_calls(
-                    opts.budget,
-                    &mut data,
-                    // Flush first: the read after it (on every thread) leaves the
-                    // pool's threads awake when the call starts (flushing 32 MiB
-                    // takes milliseconds, long enough for them to park again), and
-                    // the TLB without K/V's pages, as after a model's other layers.
-                    |data| {
-                        data.flush();
-                        evict_for(threads, &cold);
-                    },
-                    |data| data.forward(shape, &attn),
-                );
-                assert!(
-                    data.o.get().iter().all(|x| x.is_finite()),
-                    "non-finite output"
-                );
+            let mut attn = Attention::new().backend(backend);
+            if shape.causal {
+                attn = attn.causal();
+            }
+            let attns: Vec<Attention> = opts.threads.iter().map(|&t| attn.threads(t)).collect();
+            let times = time_calls(
+                opts.budget,
+                &mut data,
+                attns.len(),
+                // Flush first: the read after it (on every thread) leaves the pool's
+                // threads awake when the call starts (flushing 32 MiB takes
+                // milliseconds, long enough for them to park again), and the TLB
+                // without K/V's pages, as after a model's other layers.
+                |data, i| {
+                    data.flush();
+                    evict_for(opts.threads[i], &cold);
+                },
+                |data, i| data.forward(shape, &attns[i]),
+            );
+            assert!(
+                data.o.get().iter().all(|x| x.is_finite()),
+                "non-finite output"
+            );
+            // The median of one thread, when it ran, for the speedups.
+            let one = opts.threads.iter().position(|&t| t == 1);
+            let one = one.map(|i| times[i].median_ms);
+            for (&threads, t) in opts.threads.iter().zip(&times) {
+                let speedup = one.map(|o| o / t.median_ms);
                 let secs = t.median_ms / 1e3;
                 let gflops = shape.flops() / secs / 1e9;
                 let pct_peak = 100.0 * gflops / (threads as f64 * peak[&backend]);
@@ -825,20 +850,22 @@ fn main() {
                         "{{\"shape\": \"{}\", \"backend\": \"{}\", \"threads\": {threads}, \
                          \"median_ms\": {:.4}, \"min_ms\": {:.4}, \"reps\": {}, \
                          \"gflops\": {gflops:.2}, \"pct_peak\": {pct_peak:.1}, \
-                         \"gbps\": {gbps:.2}, \"pct_bw\": {pct_bw:.1}}}",
+                         \"gbps\": {gbps:.2}, \"pct_bw\": {pct_bw:.1}, \"speedup\": {}}}",
                         shape.name,
                         backend.name(),
                         t.median_ms,
                         t.min_ms,
-                        t.reps
+                        t.reps,
+                        speedup.map_or("null".to_string(), |x| format!("{x:.3}"))
                     );
                 } else {
                     println!(
-                        "| {} | {} | {} | {threads} | {:.3} | {gflops:.1} | {pct_peak:.0} % | {gbps:.2} | {pct_bw:.0} % |",
+                        "| {} | {} | {} | {threads} | {:.3} | {} | {gflops:.1} | {pct_peak:.0} % | {gbps:.2} | {pct_bw:.0} % |",
                         shape.name,
                         shape.describe(),
                         backend.name(),
                         t.median_ms,
+                        speedup.map_or("–".to_string(), |x| format!("{x:.2}×")),
                     );
                 }
             }
