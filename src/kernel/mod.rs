@@ -695,22 +695,20 @@ fn run_item<
             .kv
             .v_in_place(it.b, it.g0, 0)
             .is_some_and(|(_, vs)| vs.is_multiple_of(lanes));
-    // So do those over f16 or bf16 K and V on AVX-512, converting each vector as it is
-    // loaded (`tile::HalfRows`; rows of whole vectors, any stride): converted into
-    // scratch first, decode c over an f16 cache ran slower than over f32 (2.15 against
-    // 1.82 ms with K/V in L3, Sapphire Rapids), a quarter of it in the conversion calls,
-    // though it reads half the bytes. `Some(bf16?)` with the V4 token.
+    // So do those over f16 or bf16 K and V on AVX-512 and AVX2, converting each vector
+    // as it is loaded (`tile::HalfRows`; rows of whole vectors, any stride): converted
+    // into scratch first, decode c over an f16 cache ran slower than over f32 (AVX-512:
+    // 2.15 against 1.82 ms with K/V in L3, Sapphire Rapids), a quarter of it in the
+    // conversion calls, though it reads half the bytes. `Some(bf16?)` with the token.
     #[cfg(target_arch = "x86_64")]
-    let half = (&simd as &dyn core::any::Any)
-        .downcast_ref::<pulp::x86::V4>()
-        .copied()
+    let half = HalfSimd::of(simd)
         .filter(|_| {
             dot && d.skv > 0
-                && dqk.is_multiple_of(16)
-                && dv.is_multiple_of(16)
+                && dqk.is_multiple_of(lanes)
+                && dv.is_multiple_of(lanes)
                 && ctx.kv.v_half(it.b, it.g0, 0).is_some()
         })
-        .and_then(|v4| Some((v4, ctx.kv.k_half(it.b, it.g0, 0)?.2)));
+        .and_then(|hs| Some((hs, ctx.kv.k_half(it.b, it.g0, 0)?.2)));
     #[cfg(not(target_arch = "x86_64"))]
     let half: Option<((), bool)> = None;
     // K and V rows are read where they are, not copied into K̂/V̂.
@@ -959,16 +957,16 @@ fn run_item<
                     let (s0, s1) = srows.split_at_mut(rs_s);
                     let s0 = &mut s0[off..off + nr];
                     #[cfg(target_arch = "x86_64")]
-                    if let (Some((v4, bf)), Some((src, sj, sh))) = (half, khalf) {
+                    if let (Some((hs, bf)), Some((src, sj, sh))) = (half, khalf) {
                         let kr = |jj: usize| src[jj * sj + hi * sh..][..dqk].as_ptr();
-                        let qh = bytemuck::cast_slice(qh);
-                        // SAFETY: each K row holds dqk = 16·dv_ values (sliced above).
+                        // SAFETY: each K row holds dqk = lanes·dv_ values (sliced above).
                         unsafe {
                             if nk == 2 {
                                 let s1 = &mut s1[off..off + nr];
-                                dot_rows_half::<2>(v4, bf, [kr(j), kr(j + 1)], qh, dv_, [s0, s1]);
+                                let k = [kr(j), kr(j + 1)];
+                                dot_rows_half::<S, 2>(hs, bf, k, qh, dv_, [s0, s1]);
                             } else {
-                                dot_rows_half::<1>(v4, bf, [kr(j)], qh, dv_, [s0]);
+                                dot_rows_half::<S, 1>(hs, bf, [kr(j)], qh, dv_, [s0]);
                             }
                         }
                         continue;
@@ -1233,9 +1231,9 @@ fn run_item<
                             // widths (2 on 16-register ISAs) to their own blocks.
                             match (half, vhalf) {
                                 #[cfg(target_arch = "x86_64")]
-                                (Some((v4, bf)), Some((vh, hs))) => {
-                                    let b = vh.add(cb * 16 + klo * hs);
-                                    pv_half::<S, 4, 4>(v4, bf, w, a, p_key, b, hs, red, o, dvqv, al)
+                                (Some((h, bf)), Some((vh, hs))) => {
+                                    let b = vh.add(cb * lanes + klo * hs);
+                                    pv_half::<S, 4, 4>(h, bf, w, a, p_key, b, hs, red, o, dvqv, al)
                                 }
                                 _ => {
                                     let b = vv.add(cb + klo * vs);
@@ -1273,10 +1271,10 @@ fn run_item<
                             let red = khi - klo;
                             match (half, vhalf) {
                                 #[cfg(target_arch = "x86_64")]
-                                (Some((v4, bf)), Some((vh, hs))) => {
-                                    let b = vh.add(cb * 16 + klo * hs);
+                                (Some((h, bf)), Some((vh, hs))) => {
+                                    let b = vh.add(cb * lanes + klo * hs);
                                     pv_half::<S, OR, NVO>(
-                                        v4, bf, w, a, p_key, b, hs, red, o, dvqv, al,
+                                        h, bf, w, a, p_key, b, hs, red, o, dvqv, al,
                                     )
                                 }
                                 _ => {
@@ -1837,20 +1835,76 @@ fn sum_lanes_8_v4(simd: pulp::x86::V4, a: [core::arch::x86_64::__m512; 8]) -> [f
     core::array::from_fn(|i| r[i])
 }
 
+/// The backend of a decode item that reads f16/bf16 K and V in place (`tile::HalfRows`).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+enum HalfSimd {
+    V4(pulp::x86::V4),
+    /// AVX2 with F16C (checked at run time). pulp's V3 does not enable F16C, so these
+    /// items' blocks run inside functions compiled with it (`*_v3_f16c`): one call per
+    /// score pass or PV block.
+    V3(pulp::x86::V3),
+}
+
+#[cfg(target_arch = "x86_64")]
+impl HalfSimd {
+    #[inline(always)]
+    fn of<S: Simd>(simd: S) -> Option<HalfSimd> {
+        let any = &simd as &dyn core::any::Any;
+        if let Some(&v4) = any.downcast_ref::<pulp::x86::V4>() {
+            return Some(HalfSimd::V4(v4));
+        }
+        let v3 = *any.downcast_ref::<pulp::x86::V3>()?;
+        std::arch::is_x86_feature_detected!("f16c").then_some(HalfSimd::V3(v3))
+    }
+}
+
 /// [`dot_rows`] over K rows of f16 (`bf` false) or bf16 values, converted as they load.
 ///
 /// # Safety
-/// Each `k` row holds `16·dv` values.
+/// Each `k` row holds `lanes·dv` values; `hs` is the backend `S`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn dot_rows_half<const NK: usize>(
-    simd: pulp::x86::V4,
+unsafe fn dot_rows_half<S: Simd, const NK: usize>(
+    hs: HalfSimd,
     bf: bool,
     k: [*const u16; NK],
-    qh: &[pulp::f32x16],
+    qh: &[S::f32s],
     dv: usize,
     s: [&mut [f32]; NK],
 ) {
+    let qh = floats::<S>(qh);
+    // SAFETY: the caller's contract; V3 is only made with F16C present.
+    unsafe {
+        match (hs, bf) {
+            (HalfSimd::V4(v4), true) => {
+                let k = k.map(tile::HalfRows::<true>);
+                dot_rows::<_, NK, _>(v4, k, bytemuck::cast_slice(qh), dv, s)
+            }
+            (HalfSimd::V4(v4), false) => {
+                let k = k.map(tile::HalfRows::<false>);
+                dot_rows::<_, NK, _>(v4, k, bytemuck::cast_slice(qh), dv, s)
+            }
+            (HalfSimd::V3(v3), _) => dot_rows_v3_f16c::<NK>(v3, bf, k, qh, dv, s),
+        }
+    }
+}
+
+/// [`dot_rows`] on AVX2 over halves, compiled with F16C.
+///
+/// # Safety
+/// The CPU has F16C; each `k` row holds `8·dv` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,avx2,fma,f16c")]
+unsafe fn dot_rows_v3_f16c<const NK: usize>(
+    simd: pulp::x86::V3,
+    bf: bool,
+    k: [*const u16; NK],
+    qh: &[f32],
+    dv: usize,
+    s: [&mut [f32]; NK],
+) {
+    let qh = bytemuck::cast_slice(qh);
     // SAFETY: the caller's contract.
     unsafe {
         if bf {
@@ -1863,15 +1917,16 @@ unsafe fn dot_rows_half<const NK: usize>(
 
 /// The row-major PV block ([`tile::bcast_block_w`], `ACC_ROWS`, P broadcast with unit
 /// row stride) over V rows of f16 (`bf` false) or bf16 values, `b_stride` values apart,
-/// converted as they load. `S` is the caller's backend, V4 itself.
+/// converted as they load.
 ///
 /// # Safety
-/// As [`tile::bcast_block_w`], with V row `t` at `b + t·b_stride` holding `16·w` values.
+/// As [`tile::bcast_block_w`], with V row `t` at `b + t·b_stride` holding `lanes·w`
+/// values; `hs` is the backend `S`.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn pv_half<S: Simd, const M: usize, const NV: usize>(
-    simd: pulp::x86::V4,
+    hs: HalfSimd,
     bf: bool,
     w: usize,
     a: *const f32,
@@ -1883,21 +1938,79 @@ unsafe fn pv_half<S: Simd, const M: usize, const NV: usize>(
     c_stride: usize,
     alpha: *const f32,
 ) {
-    debug_assert_eq!(S::F32_LANES, 16);
-    let c = c as *mut pulp::f32x16;
+    // SAFETY: the caller's contract; V3 is only made with F16C present.
+    unsafe {
+        match (hs, bf) {
+            (HalfSimd::V4(v4), true) => pv_rows::<_, M, NV, true>(
+                v4, w, a, a_red, b, b_stride, red, c as _, c_stride, alpha,
+            ),
+            (HalfSimd::V4(v4), false) => pv_rows::<_, M, NV, false>(
+                v4, w, a, a_red, b, b_stride, red, c as _, c_stride, alpha,
+            ),
+            (HalfSimd::V3(v3), _) => pv_v3_f16c::<M, NV>(
+                v3, bf, w, a, a_red, b, b_stride, red, c as _, c_stride, alpha,
+            ),
+        }
+    }
+}
+
+/// [`pv_half`] on AVX2, compiled with F16C.
+///
+/// # Safety
+/// The CPU has F16C; as [`pv_half`].
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx,avx2,fma,f16c")]
+unsafe fn pv_v3_f16c<const M: usize, const NV: usize>(
+    simd: pulp::x86::V3,
+    bf: bool,
+    w: usize,
+    a: *const f32,
+    a_red: usize,
+    b: *const u16,
+    b_stride: usize,
+    red: usize,
+    c: *mut pulp::f32x8,
+    c_stride: usize,
+    alpha: *const f32,
+) {
     // SAFETY: the caller's contract.
     unsafe {
         if bf {
-            let b = tile::HalfRows::<true>(b);
-            tile::bcast_block_w::<_, M, NV, { tile::ACC_ROWS }, _>(
-                simd, w, a, 1, a_red, b, b_stride, red, c, c_stride, alpha,
-            )
+            pv_rows::<_, M, NV, true>(simd, w, a, a_red, b, b_stride, red, c, c_stride, alpha)
         } else {
-            let b = tile::HalfRows::<false>(b);
-            tile::bcast_block_w::<_, M, NV, { tile::ACC_ROWS }, _>(
-                simd, w, a, 1, a_red, b, b_stride, red, c, c_stride, alpha,
-            )
+            pv_rows::<_, M, NV, false>(simd, w, a, a_red, b, b_stride, red, c, c_stride, alpha)
         }
+    }
+}
+
+/// [`pv_half`] for one backend and type.
+///
+/// # Safety
+/// As [`pv_half`].
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn pv_rows<S: Simd, const M: usize, const NV: usize, const BF: bool>(
+    simd: S,
+    w: usize,
+    a: *const f32,
+    a_red: usize,
+    b: *const u16,
+    b_stride: usize,
+    red: usize,
+    c: *mut S::f32s,
+    c_stride: usize,
+    alpha: *const f32,
+) where
+    tile::HalfRows<BF>: tile::Rows<S>,
+{
+    let b = tile::HalfRows::<BF>(b);
+    // SAFETY: the caller's contract.
+    unsafe {
+        tile::bcast_block_w::<_, M, NV, { tile::ACC_ROWS }, _>(
+            simd, w, a, 1, a_red, b, b_stride, red, c, c_stride, alpha,
+        )
     }
 }
 

@@ -54,6 +54,32 @@ impl<S: Simd> Rows<S> for *const S::f32s {
 #[derive(Clone, Copy)]
 pub(crate) struct HalfRows<const BF: bool>(pub *const u16);
 
+/// AVX2: 8 values per vector; f16 by F16C, which pulp's V3 does not enable: only
+/// inlined into functions compiled with it, on CPUs that have it.
+#[cfg(target_arch = "x86_64")]
+impl<const BF: bool> Rows<pulp::x86::V3> for HalfRows<BF> {
+    #[inline(always)]
+    unsafe fn get(self, simd: pulp::x86::V3, v: usize) -> pulp::f32x8 {
+        use core::arch::x86_64::__m128i;
+        // SAFETY: 8 values from `v·8` lie within the caller's extent.
+        let h = unsafe { (self.0.add(8 * v) as *const __m128i).read_unaligned() };
+        let x = if BF {
+            let w = simd
+                .avx2
+                ._mm256_slli_epi32::<16>(simd.avx2._mm256_cvtepu16_epi32(h));
+            simd.avx._mm256_castsi256_ps(w)
+        } else {
+            // SAFETY: the CPU has F16C (the caller's contract).
+            unsafe { core::arch::x86_64::_mm256_cvtph_ps(h) }
+        };
+        bytemuck::cast(x)
+    }
+    #[inline(always)]
+    fn add(self, n: usize) -> Self {
+        HalfRows(self.0.wrapping_add(n))
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 impl<const BF: bool> Rows<pulp::x86::V4> for HalfRows<BF> {
     #[inline(always)]
