@@ -1231,9 +1231,9 @@ fn run_item<
                             // widths (2 on 16-register ISAs) to their own blocks.
                             match (half, vhalf) {
                                 #[cfg(target_arch = "x86_64")]
-                                (Some((h, bf)), Some((vh, hs))) => {
-                                    let b = vh.add(cb * lanes + klo * hs);
-                                    pv_half::<S, 4, 4>(h, bf, w, a, p_key, b, hs, red, o, dvqv, al)
+                                (Some((h, bf)), Some((vh, vst))) => {
+                                    let b = vh.add(cb * lanes + klo * vst);
+                                    pv_half::<S, 4, 4>(h, bf, w, a, p_key, b, vst, red, o, dvqv, al)
                                 }
                                 _ => {
                                     let b = vv.add(cb + klo * vs);
@@ -1271,10 +1271,10 @@ fn run_item<
                             let red = khi - klo;
                             match (half, vhalf) {
                                 #[cfg(target_arch = "x86_64")]
-                                (Some((h, bf)), Some((vh, hs))) => {
-                                    let b = vh.add(cb * lanes + klo * hs);
+                                (Some((h, bf)), Some((vh, vst))) => {
+                                    let b = vh.add(cb * lanes + klo * vst);
                                     pv_half::<S, OR, NVO>(
-                                        h, bf, w, a, p_key, b, hs, red, o, dvqv, al,
+                                        h, bf, w, a, p_key, b, vst, red, o, dvqv, al,
                                     )
                                 }
                                 _ => {
@@ -1842,7 +1842,8 @@ enum HalfSimd {
     V4(pulp::x86::V4),
     /// AVX2 with F16C (checked at run time). pulp's V3 does not enable F16C, so these
     /// items' blocks run inside functions compiled with it (`*_v3_f16c`): one call per
-    /// score pass or PV block.
+    /// score pass or PV block. (bf16 needs only AVX2, but shares those functions: every
+    /// AVX2 CPU we know of has F16C.)
     V3(pulp::x86::V3),
 }
 

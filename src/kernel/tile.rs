@@ -19,14 +19,16 @@ use pulp::Simd;
 /// The loaded operand of a block: rows of vectors, one row per reduction step.
 ///
 /// f32 rows are read as they are (`*const S::f32s`, offsets in vectors); rows of 16-bit
-/// floats ([`HalfRows`], AVX-512 only) are converted as they are loaded (offsets in
+/// floats ([`HalfRows`], AVX-512 and AVX2) are converted as they are loaded (offsets in
 /// values), so a decode over an f16 or bf16 KV cache reads K and V once, in place,
 /// instead of converting each tile into scratch first.
 pub(crate) trait Rows<S: Simd>: Copy {
     /// Vector `v` of the current row.
     ///
     /// # Safety
-    /// The vector lies within the caller's extent.
+    /// The vector lies within the caller's extent, and the CPU has what the
+    /// implementation uses beyond `S`'s features (F16C for f16 [`HalfRows`] on V3, where
+    /// it is only inlined into functions compiled with F16C).
     unsafe fn get(self, simd: S, v: usize) -> S::f32s;
     /// The position `n` units on (vectors for f32, values for halves); never read
     /// unless [`Rows::get`]'s contract holds there.
@@ -46,7 +48,8 @@ impl<S: Simd> Rows<S> for *const S::f32s {
     }
 }
 
-/// Rows of f16 (`BF` false) or bf16 (`BF` true) values, 16 per vector, converted to f32
+/// Rows of f16 (`BF` false) or bf16 (`BF` true) values, one vector's lanes at a time
+/// (16 on AVX-512, 8 on AVX2), converted to f32
 /// as they are loaded: one `vcvtph2ps`, or a zero-extension and a shift (a bf16 is the
 /// high half of an f32), per vector. Both conversions are exact, so results are the
 /// same bits as converting into scratch first.

@@ -29,7 +29,7 @@ pub(crate) trait KvSource: Sync {
     fn v_in_place(&self, batch: usize, kv_head: usize, j0: usize) -> Option<(&[f32], usize)>;
     /// K rows of `(batch, kv_head)` from key `j0` on as raw 16-bit words, when they are
     /// f16 (`false`) or bf16 (`true`): the slice starts at row `j0` and rows are `stride`
-    /// values apart. (Only AVX-512 reads halves in place.)
+    /// values apart. (Only x86-64 reads halves in place.)
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     fn k_half(&self, batch: usize, kv_head: usize, j0: usize) -> Option<(&[u16], usize, bool)>;
     /// V rows as [`KvSource::k_half`] gives K rows.

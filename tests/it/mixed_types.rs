@@ -163,9 +163,9 @@ fn strided_row_conversions_match_rows() {
     check::<f32>(|b| f32::from(b) - 2000.0);
 }
 
-/// Decode over f16 and bf16 K/V caches, which AVX-512 reads in place and converts as the
-/// score and PV blocks load it (head dims of whole vectors; other dims convert into
-/// scratch): GQA groups that fill part of a 4-row block, exactly one, or OR-row blocks
+/// Decode over f16 and bf16 K/V caches, which AVX-512 (and AVX2 with F16C) reads in
+/// place and converts as the score and PV blocks load it (head dims of whole vectors;
+/// other dims convert into scratch): GQA groups that fill part of a 4-row block, exactly one, or OR-row blocks
 /// (8 and 12 rows), one and two queries, head dims from one vector to eight and
 /// `dv ≠ dqk`, odd strides (unaligned rows) and V inside K's buffer, tail tiles and
 /// split-KV, with every modifier; and bit identity across thread counts.
@@ -180,7 +180,7 @@ fn half_kv_decode_in_place() {
     };
     let mut n = 0u64;
     for tkv in [DType::F16, DType::Bf16] {
-        for &(hq, hkv) in &[(4usize, 4usize), (6, 3), (12, 4), (20, 4), (16, 2), (12, 1)] {
+        for &(hq, hkv) in &[(4usize, 4usize), (6, 3), (12, 4), (20, 4), (16, 2), (24, 3)] {
             for &(dqk, dv) in &[(16usize, 16usize), (64, 32), (128, 128), (48, 80), (72, 72)] {
                 for &skv in &[1usize, 9, 70, 1100] {
                     n += 1;
@@ -221,6 +221,83 @@ fn half_kv_decode_in_place() {
                     }
                 }
             }
+        }
+    }
+}
+
+/// The storage type only changes the loads: decode over f16 or bf16 K/V (read in place
+/// and converted as loaded on AVX-512, and on AVX2 with F16C) gives the bits that decode
+/// over f32 K/V holding the same values gives, on one thread and on several. Layouts:
+/// BSHD with V inside K's rows, odd strides (unaligned rows), a zero key stride.
+#[test]
+fn half_kv_decode_is_bit_identical_to_f32() {
+    use flashcpu::{Attention, Backend, Tensor, TensorMut};
+    fn go<T: Element>(be: Backend, seed: &mut common::Rng, n: &mut usize) {
+        for &(hq, hkv) in &[(8usize, 2usize), (24, 3), (40, 4)] {
+            for &(dqk, dv) in &[(16usize, 16usize), (128, 128), (64, 48)] {
+                for &skv in &[9usize, 300] {
+                    for layout in 0..3 {
+                        // Under emulation (few proptest cases) a quarter of the cases.
+                        *n += 1;
+                        if common::proptest_cases(256) < 64 && !n.is_multiple_of(4) {
+                            continue;
+                        }
+                        let (b, sq, d) = (2, 1 + skv % 2, dqk.max(dv));
+                        // (strides, buffer length, offset of V in the buffer)
+                        let (st, len, voff) = match layout {
+                            0 => {
+                                let row = dqk + dv + 3;
+                                let s = [skv * hkv * row, hkv * row, row, 1];
+                                (s, b * s[0], dqk + 1)
+                            }
+                            1 => {
+                                let s1 = hkv * (d + 3) + 1;
+                                let s = [skv * s1 + 5, s1, d + 3, 1];
+                                (s, 2 * b * s[0] + 7, b * s[0] + 3)
+                            }
+                            _ => {
+                                let s = [hkv * d, 0, d, 1];
+                                (s, 2 * b * s[0], b * s[0])
+                            }
+                        };
+                        let half: Vec<T> =
+                            (0..len).map(|_| T::from_f32(2.0 * seed.sym())).collect();
+                        let wide: Vec<f32> = half.iter().map(|x| x.to_f32()).collect();
+                        let q: Vec<f32> = (0..b * sq * hq * dqk).map(|_| seed.sym()).collect();
+                        let qt = Tensor::bshd(&q, [b, sq, hq, dqk]).unwrap();
+                        let (ks, vs) = ([b, skv, hkv, dqk], [b, skv, hkv, dv]);
+                        let out = |threads: usize, f32_kv: bool| -> Vec<u32> {
+                            let mut o = vec![0f32; b * sq * hq * dv];
+                            let ot = &mut TensorMut::bshd(&mut o, [b, sq, hq, dv]).unwrap();
+                            let a = Attention::new().backend(be).threads(threads).causal();
+                            if f32_kv {
+                                let k = Tensor::from_strides(&wide, ks, st).unwrap();
+                                let v = Tensor::from_strides(&wide[voff..], vs, st).unwrap();
+                                a.forward(qt, k, v, ot).unwrap();
+                            } else {
+                                let k = Tensor::from_strides(&half, ks, st).unwrap();
+                                let v = Tensor::from_strides(&half[voff..], vs, st).unwrap();
+                                a.forward(qt, k, v, ot).unwrap();
+                            }
+                            o.iter().map(|x| x.to_bits()).collect()
+                        };
+                        let one = out(1, false);
+                        let what = format!(
+                            "{be} {} hq {hq} hkv {hkv} d {dqk}/{dv} skv {skv} L{layout}",
+                            T::NAME
+                        );
+                        assert_eq!(one, out(1, true), "{what}: half against f32");
+                        assert_eq!(one, out(0, false), "{what}: threads");
+                    }
+                }
+            }
+        }
+    }
+    let (mut seed, mut n) = (common::Rng::new(77), 0);
+    for be in common::backends() {
+        if matches!(be, Backend::Avx2 | Backend::Avx512) {
+            go::<f16>(be, &mut seed, &mut n);
+            go::<bf16>(be, &mut seed, &mut n);
         }
     }
 }
