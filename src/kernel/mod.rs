@@ -497,6 +497,8 @@ struct Scratch<S: Simd> {
     row: Vec<f32>,
     /// Q rows, row-major and padded to whole vectors (multi-head decode items).
     qr: Buf<S>,
+    /// The group whose Q rows `qr` holds (of the call `call`).
+    qr_group: Option<usize>,
     /// TB rows of Q, or of O, on their way through a transpose.
     blk: Vec<f32>,
     /// K̂ panels of one (batch, kv head), per tile of BC keys (`kc_tile` floats each):
@@ -518,6 +520,7 @@ impl<S: Simd> Scratch<S> {
         Scratch {
             qt: Buf::new(),
             qr: Buf::new(),
+            qr_group: None,
             k: Buf::new(),
             v: Buf::new(),
             st: Buf::new(),
@@ -547,6 +550,7 @@ impl<S: Simd> Scratch<S> {
         self.blk.resize(TB * d.dqk.max(d.dv) + d.dv, 0.0);
         self.chead = None;
         self.cdone.clear();
+        self.qr_group = None;
         self.call = Some(call);
     }
 }
@@ -680,8 +684,12 @@ fn run_item<
     let srow = |hi: usize, r: usize| if dot { hi * nr + r } else { hi * rs + r };
     let dqkp = dqk.next_multiple_of(lanes);
     let kst = if dot { dqkp } else { dqk }; // K̂ row stride
+    // A worker runs a group's splits one after another (`plan::Claims`), so they
+    // gather the group's Q rows once.
+    let q_ready = dot && sc.qr_group == Some(it.group);
     if dot {
         ensure(&mut sc.qr, nh * nr * dqkp);
+        sc.qr_group = Some(it.group);
     }
     // Multi-head items over f32 K and V whose rows hold whole vectors (V rows a whole
     // number of vectors apart) read both in place: each tile's rows were prefetched
@@ -756,9 +764,24 @@ fn run_item<
         if nr < rs && !dot {
             qt.fill(0.0);
         }
-        // TB rows at a time, so that each d writes a run of TB floats.
+        // Dot-product items read Q rows, not Qᵀ: copied (or converted) straight in.
+        if dot && !q_ready {
+            let qr = &mut floats_mut::<S>(&mut sc.qr)[hi * nr * dqkp..][..nr * dqkp];
+            for (r, dst) in qr.chunks_exact_mut(dqkp).enumerate() {
+                let (i, h) = row_of(g, r);
+                let src = ctx.q.row(it.b, i, h);
+                match Q::as_f32(src) {
+                    Some(src) => copy_row::<S>(src, &mut dst[..dqk]),
+                    None => Q::load_row(src, &mut dst[..dqk]),
+                }
+                // Scratch outlives calls: the pad must be zeroed, not assumed zero.
+                dst[dqk..].fill(0.0);
+            }
+        }
+        // Others pack Qᵀ, TB rows at a time, so that each d writes a run of TB floats.
         let blk = &mut sc.blk[..TB * dqk];
-        for r0 in (0..nr).step_by(TB) {
+        let qt_rows = if dot { 0 } else { nr };
+        for r0 in (0..qt_rows).step_by(TB) {
             let nb = (nr - r0).min(TB);
             for (rr, dst) in blk.chunks_exact_mut(dqk).take(nb).enumerate() {
                 let (i, h) = row_of(g, r0 + rr);
@@ -774,23 +797,13 @@ fn run_item<
                 }
             }
             // Runs of rows within one slab (TB rows may span two when a slab is narrower).
-            // (Dot-product items read Q rows, not Qᵀ.)
-            let mut r = if dot { r0 + nb } else { r0 };
+            let mut r = r0;
             while r < r0 + nb {
                 let e = (r / sw + 1) * sw;
                 let m = (r0 + nb).min(e) - r;
                 let dst = &mut qt[r / sw * dqk * sw + r % sw..];
                 transpose::transpose(lanes == 16, &blk[(r - r0) * dqk..], dqk, m, dqk, dst, sw);
                 r += m;
-            }
-            if dot {
-                let qr = &mut floats_mut::<S>(&mut sc.qr)[hi * nr * dqkp..][..nr * dqkp];
-                for (rr, src) in blk.chunks_exact(dqk).take(nb).enumerate() {
-                    let dst = &mut qr[(r0 + rr) * dqkp..][..dqkp];
-                    dst[..dqk].copy_from_slice(src);
-                    // Scratch outlives calls: the pad must be zeroed, not assumed zero.
-                    dst[dqk..].fill(0.0);
-                }
             }
         }
         // Per-row ALiBi slopes and positions, as lanes.
@@ -1325,7 +1338,7 @@ fn run_item<
     // Row r of head hi's output: row r of its O block, or column r of its Oᵀ block.
     let gather = |hi: usize, r: usize, dst: &mut [f32]| {
         if o_rows {
-            dst.copy_from_slice(&o[hi * o_len + r * dvq..][..dv]);
+            copy_row::<S>(&o[hi * o_len + r * dvq..][..dv], dst);
         } else {
             let col = &o[hi * o_len + r..];
             for (c, x) in dst.iter_mut().enumerate() {
