@@ -488,9 +488,19 @@ fn evict(buf: &[u8]) {
     black_box(x);
 }
 
-/// Reads `buf` (see [`evict`]) in shares: one on the calling thread, then one on each
-/// thread of rayon's global pool, so that every core's caches are cold and the pool's
-/// threads have just run, as after an engine's previous operation on all cores.
+/// Reads `buf` (see [`evict`]) in shares: one on the calling thread and one on each
+/// thread of rayon's global pool at the same time, so that every core's caches are cold
+/// and the pool's threads have just run, as after an engine's previous operation on all
+/// cores.
+///
+/// The pool's shares run as a `spawn_broadcast` while the caller reads its own, and the
+/// caller then spins until they are done, so the timed call starts while the pool's
+/// threads are still awake looking for work, which they do for a few tens of µs after
+/// a job. Waiting in `rayon::broadcast` instead, the caller slept and was woken after
+/// the pool's threads had parked again: the pool thread then joined a 2-thread decode
+/// call 80–160 µs late (the time to wake a parked thread in this VM), against 4–9 µs
+/// awake (decode c, Sapphire Rapids guest), and c on 2 threads timed 1.66 against
+/// 1.54 ms.
 ///
 /// The timed calls run on the main thread (as an engine's own thread would call), with
 /// `Attention::threads(n)`: for more than 1 thread, tasks on rayon's global pool join it.
@@ -499,20 +509,25 @@ fn evict(buf: &[u8]) {
 /// woke the second: two wake-ups in a row on a VM whose idle vCPUs wake slowly. Decode c
 /// on 2 threads timed 2.6–2.7 ms that way, and 1.7–2.0 ms from the main thread (Zen 3
 /// guest, three runs each).
-fn evict_for(threads: usize, buf: &[u8]) {
+fn evict_for(threads: usize, buf: &'static [u8]) {
     #[cfg(feature = "rayon")]
     if threads > 1 {
-        let share = buf.len().div_ceil(rayon::current_num_threads() + 1);
-        let mut chunks = buf.chunks(share);
-        if let Some(own) = chunks.next() {
-            evict(own);
-        }
-        let rest: Vec<&[u8]> = chunks.collect();
-        rayon::broadcast(|ctx| {
-            if let Some(chunk) = rest.get(ctx.index()) {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let pool = rayon::current_num_threads();
+        let share = buf.len().div_ceil(pool + 1);
+        let done = Arc::new(AtomicUsize::new(0));
+        let d = Arc::clone(&done);
+        rayon::spawn_broadcast(move |ctx| {
+            if let Some(chunk) = buf.chunks(share).nth(ctx.index() + 1) {
                 evict(chunk);
             }
+            d.fetch_add(1, Ordering::Release);
         });
+        evict(&buf[..share.min(buf.len())]);
+        while done.load(Ordering::Acquire) < pool {
+            std::hint::spin_loop();
+        }
         return;
     }
     let _ = threads;
@@ -807,7 +822,9 @@ fn main() {
         println!("|---|---|---|---:|---:|---:|---:|---:|---:|---:|");
     }
 
-    let cold = vec![1u8; eviction_bytes()];
+    // Read by the pool's threads outside any scope (`evict_for`): it lives as long as
+    // the process.
+    let cold: &'static [u8] = Vec::leak(vec![1u8; eviction_bytes()]);
     let mut rng = StdRng::seed_from_u64(0x5eed);
     for shape in &opts.shapes {
         let mut data = Data::new(shape, &mut rng);
@@ -827,7 +844,7 @@ fn main() {
                 // without K/V's pages, as after a model's other layers.
                 |data, i| {
                     data.flush();
-                    evict_for(opts.threads[i], &cold);
+                    evict_for(opts.threads[i], cold);
                 },
                 |data, i| data.forward(shape, &attns[i]),
             );
