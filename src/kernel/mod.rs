@@ -1636,6 +1636,20 @@ pub(crate) unsafe fn merge_group<Q, KV, O: Element>(ctx: &Ctx<'_, Q, KV, O>, gro
                 });
             acc.fill(0.0);
             let mut l = 0.0f64;
+            // The next row's output in every slot: a row reads its dv floats from each slot
+            // in turn, which the hardware prefetchers do not follow, and half the slots
+            // are in the other core's cache after a 2-thread call (decode c on 2
+            // threads: 40–43 µs, against 48–50 without).
+            let next = if r + 1 < nr {
+                Some(base + (r + 1) * dv)
+            } else {
+                (hi + 1 < it.g1 - it.g0).then_some(base + br * (dv + 2))
+            };
+            if let Some(n) = next {
+                for p in &parts {
+                    prefetch(&p[n..][..dv]);
+                }
+            }
             if mx != f64::NEG_INFINITY {
                 for p in &parts {
                     let (ms, ls) = (m_at(p), p[base + br * dv + br + r] as f64);
