@@ -27,11 +27,11 @@
 //!    model where every layer has its own KV cache. A fixed-size read alone is not enough
 //!    on hosts with a large L3: on a Sapphire Rapids guest reporting 260 MiB of L3,
 //!    decode c's 32 MiB of K+V stayed in it and timed at 116–143 % of the DRAM
-//!    bandwidth. With several threads every thread
-//!    of the pool reads its share (each core's L2 is private), which also leaves the
-//!    pool's threads awake when the call starts, as the other operators of a model step
-//!    leave them: in this VM a parked pool thread took about 1 ms to wake, longer than
-//!    the whole 2-thread decode call it was to help with.
+//!    bandwidth. With several threads every thread of the pool reads its share at the
+//!    same time as the caller (each core's L2 is private), which also leaves the pool's
+//!    threads awake when the call starts, as the other operators of a model step leave
+//!    them: a parked pool thread took 80–160 µs to wake on the Sapphire Rapids guest
+//!    (about 1 ms on the Ice Lake one), a tenth or more of a 2-thread decode call.
 //!
 //! FLOPs = 4·b·hq·d·(visible query/key pairs): `sq·skv` without a mask, `S(S+1)/2` causal
 //! with `sq = skv = S`. `% peak` divides by `threads × the backend's one-core peak`.
@@ -515,7 +515,7 @@ fn evict_for(threads: usize, buf: &'static [u8]) {
         use std::sync::Arc;
         use std::sync::atomic::{AtomicUsize, Ordering};
         let pool = rayon::current_num_threads();
-        let share = buf.len().div_ceil(pool + 1);
+        let share = buf.len().div_ceil(pool + 1).max(1);
         let done = Arc::new(AtomicUsize::new(0));
         let d = Arc::clone(&done);
         rayon::spawn_broadcast(move |ctx| {
@@ -525,8 +525,10 @@ fn evict_for(threads: usize, buf: &'static [u8]) {
             d.fetch_add(1, Ordering::Release);
         });
         evict(&buf[..share.min(buf.len())]);
+        // Yielding: the caller and the pool are one thread more than the cores, and a
+        // pool thread still reading may share the caller's core.
         while done.load(Ordering::Acquire) < pool {
-            std::hint::spin_loop();
+            std::thread::yield_now();
         }
         return;
     }

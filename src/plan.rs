@@ -284,7 +284,9 @@ impl<'p, Q: Element, KV: Element, O: Element> Plan<'p, Q, KV, O> {
     /// Runs every item: with the `rayon` feature on `threads` workers (0: as many as
     /// rayon's current pool has threads), the calling thread and `threads − 1` tasks on
     /// that pool; else (or with `threads == 1`) on the calling thread alone. Workers
-    /// claim items as [`Claims`] describes.
+    /// claim items as [`Claims`] describes. A calling thread outside the pool that runs
+    /// out of items busy-waits for the others, at most its longest item + 200 µs
+    /// (`WAKE_SLACK`), rather than sleep and be woken late.
     pub fn run_all(&self, threads: usize) -> Result<()> {
         #[cfg(feature = "rayon")]
         {
@@ -324,23 +326,29 @@ impl<'p, Q: Element, KV: Element, O: Element> Plan<'p, Q, KV, O> {
                 // pool's threads (which sleep between calls) join as they wake. With
                 // `rayon::scope` the caller slept while every worker was woken, and a
                 // 3 ms decode call on 2 threads often ran no faster than on 1.
-                let busy = AtomicUsize::new(workers - 1);
+                let spawned = Spawned::default();
                 rayon::in_place_scope(|s| {
                     for w in 1..workers {
-                        let (work, busy) = (&work, &busy);
+                        let (work, spawned) = (&work, &spawned);
                         s.spawn(move |_| {
+                            spawned.started.fetch_add(1, Ordering::Relaxed);
+                            // Counted as done even if `work` panics (rayon then rethrows).
+                            let _done = Done(&spawned.done);
                             work(w);
-                            busy.fetch_sub(1, Ordering::Release);
                         });
                     }
                     let longest = work(0);
-                    // Every item is claimed now, so each other worker is at most one item
-                    // from done (or has yet to wake, and will find nothing to claim): the
-                    // caller spins that long for them before rayon's wait, which sleeps.
-                    // Woken from that sleep, it returned 45–65 µs after the last worker
-                    // finished, against 16 µs spinning (decode c on 2 threads, Sapphire
-                    // Rapids guest: 1.77 -> 1.72 ms, 8 interleaved rounds).
-                    spin_while(|| busy.load(Ordering::Acquire) > 0, longest + WAKE_SLACK);
+                    // Every item is claimed now, so a started worker is at most one item
+                    // from done: a caller outside the pool spins that long for it before
+                    // rayon's wait, which sleeps (workers yet to start find nothing to
+                    // claim; they get WAKE_SLACK). Woken from that sleep, it returned
+                    // 45–65 µs after the last worker finished, against 16 µs spinning
+                    // (decode c on 2 threads, Sapphire Rapids guest: 1.77 -> 1.72 ms, 8
+                    // interleaved rounds). A caller inside the pool does not spin: its
+                    // wait runs other jobs.
+                    if rayon::current_thread_index().is_none() {
+                        spawned.spin(workers - 1, longest);
+                    }
                 });
                 return match failed.into_inner() {
                     Ok(Some(e)) => Err(e),
@@ -361,16 +369,51 @@ impl<'p, Q: Element, KV: Element, O: Element> Plan<'p, Q, KV, O> {
 
 /// Time a worker may take to wake, beyond an item's duration, that
 /// [`Plan::run_all`]'s caller spins for before sleeping: a parked rayon thread took
-/// 70–120 µs to wake in the VMs measured.
+/// 70–160 µs to wake on the Sapphire Rapids guest.
 #[cfg(feature = "rayon")]
 const WAKE_SLACK: Duration = Duration::from_micros(200);
 
-/// Spins while `cond()` holds, at most `limit`.
+/// How many of [`Plan::run_all`]'s spawned workers have started, and finished.
 #[cfg(feature = "rayon")]
-fn spin_while(cond: impl Fn() -> bool, limit: Duration) {
-    let t = Instant::now();
-    while cond() && t.elapsed() < limit {
-        core::hint::spin_loop();
+#[derive(Default)]
+struct Spawned {
+    started: AtomicUsize,
+    done: AtomicUsize,
+}
+
+#[cfg(feature = "rayon")]
+impl Spawned {
+    /// Spins until all `n` spawned workers are done: at most `longest + WAKE_SLACK` while
+    /// one that started is still running, and WAKE_SLACK while the rest have yet to start.
+    fn spin(&self, n: usize, longest: Duration) {
+        let t = Instant::now();
+        loop {
+            let done = self.done.load(Ordering::Acquire);
+            if done >= n {
+                return;
+            }
+            let running = self.started.load(Ordering::Relaxed) > done;
+            let limit = if running {
+                longest + WAKE_SLACK
+            } else {
+                WAKE_SLACK
+            };
+            if t.elapsed() >= limit {
+                return;
+            }
+            core::hint::spin_loop();
+        }
+    }
+}
+
+/// Counts a spawned worker as done when dropped.
+#[cfg(feature = "rayon")]
+struct Done<'a>(&'a AtomicUsize);
+
+#[cfg(feature = "rayon")]
+impl Drop for Done<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::Release);
     }
 }
 
