@@ -494,9 +494,9 @@ fn evict(buf: &[u8]) {
 /// cores.
 ///
 /// The pool's shares run as a `spawn_broadcast` while the caller reads its own, and the
-/// caller then spins until they are done, so the timed call starts while the pool's
-/// threads are still awake looking for work, which they do for a few tens of µs after
-/// a job. Waiting in `rayon::broadcast` instead, the caller slept and was woken after
+/// caller then waits for them yielding, not asleep, so the timed call starts while the
+/// pool's threads are still awake looking for work, which they do for a few tens of µs
+/// after a job. Waiting in `rayon::broadcast` instead, the caller slept and was woken after
 /// the pool's threads had parked again: the pool thread then joined a 2-thread decode
 /// call 80–160 µs late (the time to wake a parked thread in this VM), against 4–9 µs
 /// awake (decode c, Sapphire Rapids guest), and c on 2 threads timed 1.66 against
