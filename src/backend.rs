@@ -13,7 +13,8 @@ use pulp::WithSimd;
 pub enum Backend {
     /// Portable scalar code: correct everywhere, the fallback.
     Scalar,
-    /// x86-64 AVX2 + FMA (pulp's `V3`), 8 f32 lanes.
+    /// x86-64 AVX2 + FMA (pulp's `V3`) with F16C, 8 f32 lanes. (Every AVX2 CPU we know
+    /// of has F16C, which converts f16 KV caches as the kernels load them.)
     Avx2,
     /// x86-64 AVX-512 F/BW/CD/DQ/VL (pulp's `V4`), 16 f32 lanes.
     Avx512,
@@ -49,7 +50,7 @@ impl Backend {
         match self {
             Backend::Scalar => true,
             #[cfg(target_arch = "x86_64")]
-            Backend::Avx2 => pulp::x86::V3::try_new().is_some(),
+            Backend::Avx2 => v3_f16c().is_some(),
             #[cfg(target_arch = "x86_64")]
             Backend::Avx512 => pulp::x86::V4::try_new().is_some(),
             #[cfg(target_arch = "aarch64")]
@@ -130,8 +131,9 @@ pub(crate) fn dispatch<Op: WithSimd>(backend: Backend, op: Op) -> Result<Op::Out
         #[cfg(feature = "emulate-avx512")]
         Backend::Scalar => Ok(Simd::vectorize(pulp::Scalar512b, op)),
         #[cfg(target_arch = "x86_64")]
-        Backend::Avx2 => match pulp::x86::V3::try_new() {
-            Some(tok) => Ok(Simd::vectorize(tok, op)),
+        Backend::Avx2 => match v3_f16c() {
+            // SAFETY: the CPU has V3's features and F16C (checked by `v3_f16c`).
+            Some(tok) => Ok(unsafe { with_v3_f16c(tok, op) }),
             None => Err(unavailable(backend)),
         },
         #[cfg(target_arch = "x86_64")]
@@ -147,6 +149,24 @@ pub(crate) fn dispatch<Op: WithSimd>(backend: Backend, op: Op) -> Result<Op::Out
         #[allow(unreachable_patterns)]
         _ => Err(unavailable(backend)),
     }
+}
+
+/// pulp's V3 token, if the CPU also has F16C.
+#[cfg(target_arch = "x86_64")]
+fn v3_f16c() -> Option<pulp::x86::V3> {
+    pulp::x86::V3::try_new().filter(|_| std::arch::is_x86_feature_detected!("f16c"))
+}
+
+/// `op` on the AVX2 backend, compiled with V3's features and F16C: pulp's V3 leaves F16C
+/// out, and the f16 conversions of the decode kernels (`tile::HalfRows`) were then
+/// wrapped in calls to functions compiled with it, one per score pass and PV block.
+///
+/// # Safety
+/// The CPU has V3's features and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "sse3,ssse3,sse4.1,sse4.2,popcnt,avx,avx2,bmi1,bmi2,fma,lzcnt,f16c")]
+unsafe fn with_v3_f16c<Op: WithSimd>(tok: pulp::x86::V3, op: Op) -> Op::Output {
+    op.with_simd(tok)
 }
 
 fn unavailable(backend: Backend) -> Error {

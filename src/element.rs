@@ -104,8 +104,8 @@ impl Element for f16 {
         assert_eq!(src.len(), dst.len());
         Self::load_rows(src, 0, dst, 0, 1, src.len());
     }
-    /// One call (F16C's instructions cannot be inlined into the kernels, which are
-    /// compiled for AVX2 without it) for all the rows.
+    /// One call for all the rows (F16C's instructions cannot be inlined into code that
+    /// is generic over the backend: the scalar backend is compiled without it).
     #[inline(always)]
     fn load_rows(
         src: &[f16],

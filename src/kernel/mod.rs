@@ -1163,14 +1163,28 @@ fn run_item<
                         unsafe {
                             let q = qp.add(rb / NVQ * dqk * NVQ);
                             let s = sp.add(kb * MK * rsv + rb);
-                            let z = core::ptr::null();
+                            let blk = |a_row, a_red| tile::Block {
+                                a: k,
+                                a_row,
+                                a_red,
+                                b: q,
+                                b_stride: NVQ,
+                                red: dqk,
+                                c: s,
+                                c_stride: rsv,
+                                alpha: core::ptr::null(),
+                            };
                             if cache {
                                 tile::bcast_block_w::<S, MK, NVQ, { tile::SET }, _>(
-                                    simd, w, k, 1, MK, q, NVQ, dqk, s, rsv, z,
+                                    simd,
+                                    w,
+                                    blk(1, MK),
                                 )
                             } else {
                                 tile::bcast_block_w::<S, MK, NVQ, { tile::SET }, _>(
-                                    simd, w, k, kr, kd_, q, NVQ, dqk, s, rsv, z,
+                                    simd,
+                                    w,
+                                    blk(kr, kd_),
                                 )
                             }
                         }
@@ -1235,23 +1249,32 @@ fn run_item<
                         }
                         // SAFETY: as for the OR-row blocks below, with 4 ≤ OR rows.
                         unsafe {
-                            let vs = vstride / lanes;
-                            let a = pp.add(klo * p_key);
-                            let o = op.add(cb);
-                            let al = alpha.as_ptr();
-                            let red = khi - klo;
+                            let blk = tile::Block {
+                                a: pp.add(klo * p_key),
+                                a_row: 1,
+                                a_red: p_key,
+                                b: (),
+                                b_stride: 0,
+                                red: khi - klo,
+                                c: op.add(cb),
+                                c_stride: dvqv,
+                                alpha: alpha.as_ptr(),
+                            };
                             // w ≤ nvo: the 4-vector instantiation dispatches narrower
                             // widths (2 on 16-register ISAs) to their own blocks.
                             match (half, vhalf) {
                                 #[cfg(target_arch = "x86_64")]
                                 (Some((h, bf)), Some((vh, vst))) => {
                                     let b = vh.add(cb * lanes + klo * vst);
-                                    pv_half::<S, 4, 4>(h, bf, w, a, p_key, b, vst, red, o, dvqv, al)
+                                    pv_half::<S, 4, 4>(h, bf, w, blk.with_b(b, vst))
                                 }
                                 _ => {
+                                    let vs = vstride / lanes;
                                     let b = vv.add(cb + klo * vs);
                                     tile::bcast_block_w::<S, 4, 4, { tile::ACC_ROWS }, _>(
-                                        simd, w, a, 1, p_key, b, vs, red, o, dvqv, al,
+                                        simd,
+                                        w,
+                                        blk.with_b(b, vs),
                                     )
                                 }
                             }
@@ -1277,23 +1300,30 @@ fn run_item<
                         // `sc.v`, asserted above); O rows r0..r0+OR ≤ rs of dvqv vectors
                         // and α floats r0..r0+OR ≤ rs: in this head's blocks.
                         unsafe {
-                            let vs = vstride / lanes;
-                            let a = pp.add(p_at(r0) + klo * p_key);
-                            let o = op.add(r0 * dvqv + cb);
-                            let al = alpha.as_ptr().add(r0);
-                            let red = khi - klo;
+                            let blk = tile::Block {
+                                a: pp.add(p_at(r0) + klo * p_key),
+                                a_row: 1,
+                                a_red: p_key,
+                                b: (),
+                                b_stride: 0,
+                                red: khi - klo,
+                                c: op.add(r0 * dvqv + cb),
+                                c_stride: dvqv,
+                                alpha: alpha.as_ptr().add(r0),
+                            };
                             match (half, vhalf) {
                                 #[cfg(target_arch = "x86_64")]
                                 (Some((h, bf)), Some((vh, vst))) => {
                                     let b = vh.add(cb * lanes + klo * vst);
-                                    pv_half::<S, OR, NVO>(
-                                        h, bf, w, a, p_key, b, vst, red, o, dvqv, al,
-                                    )
+                                    pv_half::<S, OR, NVO>(h, bf, w, blk.with_b(b, vst))
                                 }
                                 _ => {
+                                    let vs = vstride / lanes;
                                     let b = vv.add(cb + klo * vs);
                                     tile::bcast_block_w::<S, OR, NVO, { tile::ACC_ROWS }, _>(
-                                        simd, w, a, 1, p_key, b, vs, red, o, dvqv, al,
+                                        simd,
+                                        w,
+                                        blk.with_b(b, vs),
                                     )
                                 }
                             }
@@ -1317,14 +1347,18 @@ fn run_item<
                     // place those are < dv (dv is a multiple of MC there) within the
                     // asserted extent, packed < dvp within `sc.v` (asserted).
                     unsafe {
-                        let v = vp.add(cb * vcb + klo * vstride);
-                        let pr = pp.add(rb + klo * rsv);
-                        let o = op.add(cb * rsv + rb);
-                        let al = alpha.as_ptr().add(rb * lanes);
-                        let red = khi - klo;
-                        tile::bcast_block_w::<S, MC, NVP, { tile::ACC_LANES }, _>(
-                            simd, w, v, 1, vstride, pr, rsv, red, o, rsv, al,
-                        )
+                        let blk = tile::Block {
+                            a: vp.add(cb * vcb + klo * vstride),
+                            a_row: 1,
+                            a_red: vstride,
+                            b: pp.add(rb + klo * rsv),
+                            b_stride: rsv,
+                            red: khi - klo,
+                            c: op.add(cb * rsv + rb),
+                            c_stride: rsv,
+                            alpha: alpha.as_ptr().add(rb * lanes),
+                        };
+                        tile::bcast_block_w::<S, MC, NVP, { tile::ACC_LANES }, _>(simd, w, blk)
                     }
                 }
                 rb += w;
@@ -1867,10 +1901,8 @@ fn sum_lanes_8_v4(simd: pulp::x86::V4, a: [core::arch::x86_64::__m512; 8]) -> [f
 #[derive(Clone, Copy)]
 enum HalfSimd {
     V4(pulp::x86::V4),
-    /// AVX2 with F16C (checked at run time). pulp's V3 does not enable F16C, so these
-    /// items' blocks run inside functions compiled with it (`*_v3_f16c`): one call per
-    /// score pass or PV block. (bf16 needs only AVX2, but shares those functions: every
-    /// AVX2 CPU we know of has F16C.)
+    /// AVX2 with F16C, which the AVX2 backend is compiled with (`backend::dispatch`);
+    /// checked again here, as `HalfRows` relies on it.
     V3(pulp::x86::V3),
 }
 
@@ -1913,101 +1945,40 @@ unsafe fn dot_rows_half<S: Simd, const NK: usize>(
                 let k = k.map(tile::HalfRows::<false>);
                 dot_rows::<_, NK, _>(v4, k, bytemuck::cast_slice(qh), dv, s)
             }
-            (HalfSimd::V3(v3), _) => dot_rows_v3_f16c::<NK>(v3, bf, k, qh, dv, s),
-        }
-    }
-}
-
-/// [`dot_rows`] on AVX2 over halves, compiled with F16C.
-///
-/// # Safety
-/// The CPU has F16C; each `k` row holds `8·dv` values.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx,avx2,fma,f16c")]
-unsafe fn dot_rows_v3_f16c<const NK: usize>(
-    simd: pulp::x86::V3,
-    bf: bool,
-    k: [*const u16; NK],
-    qh: &[f32],
-    dv: usize,
-    s: [&mut [f32]; NK],
-) {
-    let qh = bytemuck::cast_slice(qh);
-    // SAFETY: the caller's contract.
-    unsafe {
-        if bf {
-            dot_rows::<_, NK, _>(simd, k.map(tile::HalfRows::<true>), qh, dv, s)
-        } else {
-            dot_rows::<_, NK, _>(simd, k.map(tile::HalfRows::<false>), qh, dv, s)
+            (HalfSimd::V3(v3), true) => {
+                let k = k.map(tile::HalfRows::<true>);
+                dot_rows::<_, NK, _>(v3, k, bytemuck::cast_slice(qh), dv, s)
+            }
+            (HalfSimd::V3(v3), false) => {
+                let k = k.map(tile::HalfRows::<false>);
+                dot_rows::<_, NK, _>(v3, k, bytemuck::cast_slice(qh), dv, s)
+            }
         }
     }
 }
 
 /// The row-major PV block ([`tile::bcast_block_w`], `ACC_ROWS`, P broadcast with unit
-/// row stride) over V rows of f16 (`bf` false) or bf16 values, `b_stride` values apart,
-/// converted as they load.
+/// row stride) over V rows of f16 (`bf` false) or bf16 values, `op.b_stride` values
+/// apart, converted as they load.
 ///
 /// # Safety
-/// As [`tile::bcast_block_w`], with V row `t` at `b + t·b_stride` holding `lanes·w`
+/// As [`tile::bcast_block_w`], with V row `t` at `op.b + t·op.b_stride` holding `lanes·w`
 /// values; `hs` is the backend `S`.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn pv_half<S: Simd, const M: usize, const NV: usize>(
     hs: HalfSimd,
     bf: bool,
     w: usize,
-    a: *const f32,
-    a_red: usize,
-    b: *const u16,
-    b_stride: usize,
-    red: usize,
-    c: *mut S::f32s,
-    c_stride: usize,
-    alpha: *const f32,
+    op: tile::Block<*const u16, S::f32s>,
 ) {
     // SAFETY: the caller's contract; V3 is only made with F16C present.
     unsafe {
         match (hs, bf) {
-            (HalfSimd::V4(v4), true) => pv_rows::<_, M, NV, true>(
-                v4, w, a, a_red, b, b_stride, red, c as _, c_stride, alpha,
-            ),
-            (HalfSimd::V4(v4), false) => pv_rows::<_, M, NV, false>(
-                v4, w, a, a_red, b, b_stride, red, c as _, c_stride, alpha,
-            ),
-            (HalfSimd::V3(v3), _) => pv_v3_f16c::<M, NV>(
-                v3, bf, w, a, a_red, b, b_stride, red, c as _, c_stride, alpha,
-            ),
-        }
-    }
-}
-
-/// [`pv_half`] on AVX2, compiled with F16C.
-///
-/// # Safety
-/// The CPU has F16C; as [`pv_half`].
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx,avx2,fma,f16c")]
-unsafe fn pv_v3_f16c<const M: usize, const NV: usize>(
-    simd: pulp::x86::V3,
-    bf: bool,
-    w: usize,
-    a: *const f32,
-    a_red: usize,
-    b: *const u16,
-    b_stride: usize,
-    red: usize,
-    c: *mut pulp::f32x8,
-    c_stride: usize,
-    alpha: *const f32,
-) {
-    // SAFETY: the caller's contract.
-    unsafe {
-        if bf {
-            pv_rows::<_, M, NV, true>(simd, w, a, a_red, b, b_stride, red, c, c_stride, alpha)
-        } else {
-            pv_rows::<_, M, NV, false>(simd, w, a, a_red, b, b_stride, red, c, c_stride, alpha)
+            (HalfSimd::V4(v4), true) => pv_rows::<_, M, NV, true>(v4, w, op.cast()),
+            (HalfSimd::V4(v4), false) => pv_rows::<_, M, NV, false>(v4, w, op.cast()),
+            (HalfSimd::V3(v3), true) => pv_rows::<_, M, NV, true>(v3, w, op.cast()),
+            (HalfSimd::V3(v3), false) => pv_rows::<_, M, NV, false>(v3, w, op.cast()),
         }
     }
 }
@@ -2017,28 +1988,18 @@ unsafe fn pv_v3_f16c<const M: usize, const NV: usize>(
 /// # Safety
 /// As [`pv_half`].
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn pv_rows<S: Simd, const M: usize, const NV: usize, const BF: bool>(
     simd: S,
     w: usize,
-    a: *const f32,
-    a_red: usize,
-    b: *const u16,
-    b_stride: usize,
-    red: usize,
-    c: *mut S::f32s,
-    c_stride: usize,
-    alpha: *const f32,
+    op: tile::Block<*const u16, S::f32s>,
 ) where
     tile::HalfRows<BF>: tile::Rows<S>,
 {
-    let b = tile::HalfRows::<BF>(b);
+    let b = tile::HalfRows::<BF>(op.b);
     // SAFETY: the caller's contract.
     unsafe {
-        tile::bcast_block_w::<_, M, NV, { tile::ACC_ROWS }, _>(
-            simd, w, a, 1, a_red, b, b_stride, red, c, c_stride, alpha,
-        )
+        tile::bcast_block_w::<_, M, NV, { tile::ACC_ROWS }, _>(simd, w, op.with_b(b, op.b_stride))
     }
 }
 

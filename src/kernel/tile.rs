@@ -27,8 +27,8 @@ pub(crate) trait Rows<S: Simd>: Copy {
     ///
     /// # Safety
     /// The vector lies within the caller's extent, and the CPU has what the
-    /// implementation uses beyond `S`'s features (F16C for f16 [`HalfRows`] on V3, where
-    /// it is only inlined into functions compiled with F16C).
+    /// implementation uses beyond `S`'s features (F16C for f16 [`HalfRows`] on V3, which
+    /// the AVX2 backend is compiled with).
     unsafe fn get(self, simd: S, v: usize) -> S::f32s;
     /// The position `n` units on (vectors for f32, values for halves); never read
     /// unless [`Rows::get`]'s contract holds there.
@@ -57,8 +57,8 @@ impl<S: Simd> Rows<S> for *const S::f32s {
 #[derive(Clone, Copy)]
 pub(crate) struct HalfRows<const BF: bool>(pub *const u16);
 
-/// AVX2: 8 values per vector; f16 by F16C, which pulp's V3 does not enable: only
-/// inlined into functions compiled with it, on CPUs that have it.
+/// AVX2: 8 values per vector; f16 by F16C, which the AVX2 backend is compiled with
+/// (`backend::dispatch`; pulp's V3 does not enable it).
 #[cfg(target_arch = "x86_64")]
 impl<const BF: bool> Rows<pulp::x86::V3> for HalfRows<BF> {
     #[inline(always)]
@@ -111,9 +111,69 @@ pub(crate) const ACC_LANES: u8 = 1;
 /// `c` is accumulated after scaling by one factor per accumulator row: `alpha[i]`.
 pub(crate) const ACC_ROWS: u8 = 2;
 
-/// `c[i][v] = α·c[i][v] + Σ_t a[i·a_row + t·a_red] · b[t·b_stride + v]` for `i < M`,
-/// `v < NV`, `t < red`, where `α` is 0 (`SET`), the vector `alpha[v]` (`ACC_LANES`) or
-/// the scalar `alpha[i]` (`ACC_ROWS`).
+/// The operands of a block: `c[i][v] = α·c[i][v] + Σ_t a[i·a_row + t·a_red] · b[t·b_stride + v]`
+/// for `i < M`, `v < NV`, `t < red` ([`bcast_block`]). `C` is the backend's vector type
+/// (`S::f32s`); `b` is a [`Rows`], or the raw pointer a caller wraps into one.
+#[derive(Clone, Copy)]
+pub(crate) struct Block<B, C> {
+    /// The broadcast operand (K̂ for S, P for row-major O, V̂ for Oᵀ).
+    pub a: *const f32,
+    /// Floats between the broadcast scalars of two accumulator rows.
+    pub a_row: usize,
+    /// Floats between two reduction steps of `a`.
+    pub a_red: usize,
+    /// The loaded operand: `NV` vectors per reduction step.
+    pub b: B,
+    /// Units of `b` ([`Rows::add`]) between two reduction steps.
+    pub b_stride: usize,
+    /// Reduction steps.
+    pub red: usize,
+    /// The accumulators' home: `M` rows of `NV` vectors, `c_stride` vectors apart.
+    pub c: *mut C,
+    /// Vectors between two rows of `c`.
+    pub c_stride: usize,
+    /// The rescale factors of `c` (unused by `SET`).
+    pub alpha: *const f32,
+}
+
+impl<B, C> Block<B, C> {
+    /// The same block with another loaded operand.
+    #[inline(always)]
+    pub fn with_b<B2>(self, b: B2, b_stride: usize) -> Block<B2, C> {
+        Block {
+            a: self.a,
+            a_row: self.a_row,
+            a_red: self.a_red,
+            b,
+            b_stride,
+            red: self.red,
+            c: self.c,
+            c_stride: self.c_stride,
+            alpha: self.alpha,
+        }
+    }
+
+    /// The same block, with `c` as vectors of type `C2` (another backend's name for the
+    /// same vector type).
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    pub fn cast<C2>(self) -> Block<B, C2> {
+        Block {
+            a: self.a,
+            a_row: self.a_row,
+            a_red: self.a_red,
+            b: self.b,
+            b_stride: self.b_stride,
+            red: self.red,
+            c: self.c as *mut C2,
+            c_stride: self.c_stride,
+            alpha: self.alpha,
+        }
+    }
+}
+
+/// The block `op` describes, where `α` is 0 (`SET`), the vector `alpha[v]` (`ACC_LANES`)
+/// or the scalar `alpha[i]` (`ACC_ROWS`).
 ///
 /// # Safety
 /// - `a` is valid for reads at every `i·a_row + t·a_red` (`i < M`, `t < red`);
@@ -121,7 +181,6 @@ pub(crate) const ACC_ROWS: u8 = 2;
 ///   `t < red`;
 /// - `c` is valid for writes (and reads unless `SET`) of `(M - 1) * c_stride + NV` vectors;
 /// - `alpha` is valid for reads of `NV` vectors (`ACC_LANES`) or `M` floats (`ACC_ROWS`).
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub(crate) unsafe fn bcast_block<
     S: Simd,
@@ -131,16 +190,19 @@ pub(crate) unsafe fn bcast_block<
     B: Rows<S>,
 >(
     simd: S,
-    a: *const f32,
-    a_row: usize,
-    a_red: usize,
-    b: B,
-    b_stride: usize,
-    red: usize,
-    c: *mut S::f32s,
-    c_stride: usize,
-    alpha: *const f32,
+    op: Block<B, S::f32s>,
 ) {
+    let Block {
+        a,
+        a_row,
+        a_red,
+        b,
+        b_stride,
+        red,
+        c,
+        c_stride,
+        alpha,
+    } = op;
     let zero = simd.splat_f32s(0.0);
     let mut acc = [[zero; NV]; M];
     if MODE != SET {
@@ -206,7 +268,6 @@ pub(crate) unsafe fn bcast_block<
 ///
 /// # Safety
 /// As [`bcast_block`] with `w` in place of `NV`.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub(crate) unsafe fn bcast_block_w<
     S: Simd,
@@ -217,32 +278,16 @@ pub(crate) unsafe fn bcast_block_w<
 >(
     simd: S,
     w: usize,
-    a: *const f32,
-    a_row: usize,
-    a_red: usize,
-    b: B,
-    b_stride: usize,
-    red: usize,
-    c: *mut S::f32s,
-    c_stride: usize,
-    alpha: *const f32,
+    op: Block<B, S::f32s>,
 ) {
     debug_assert!((1..=NV).contains(&w) && NV <= 4);
     // SAFETY: the caller's contract, for the `w` vectors each instantiation touches.
     unsafe {
         match w {
-            _ if w == NV => bcast_block::<S, M, NV, MODE, B>(
-                simd, a, a_row, a_red, b, b_stride, red, c, c_stride, alpha,
-            ),
-            1 => bcast_block::<S, M, 1, MODE, B>(
-                simd, a, a_row, a_red, b, b_stride, red, c, c_stride, alpha,
-            ),
-            2 => bcast_block::<S, M, 2, MODE, B>(
-                simd, a, a_row, a_red, b, b_stride, red, c, c_stride, alpha,
-            ),
-            _ => bcast_block::<S, M, 3, MODE, B>(
-                simd, a, a_row, a_red, b, b_stride, red, c, c_stride, alpha,
-            ),
+            _ if w == NV => bcast_block::<S, M, NV, MODE, B>(simd, op),
+            1 => bcast_block::<S, M, 1, MODE, B>(simd, op),
+            2 => bcast_block::<S, M, 2, MODE, B>(simd, op),
+            _ => bcast_block::<S, M, 3, MODE, B>(simd, op),
         }
     }
 }
