@@ -1475,10 +1475,15 @@ fn prefetch<T>(row: &[T]) {
 /// written (`write`). A hint that never faults; a no-op off x86-64.
 #[inline(always)]
 fn prefetch_lines(p: *const u8, bytes: usize, write: bool) {
+    // Every line the range touches, `(skew + bytes).div_ceil(64)` of them from the line
+    // of `p`: stepping from `p` itself missed the last line of a row that does not start
+    // on a line boundary (an f16 row of odd length in BSHD, say).
+    let skew = p as usize % 64;
+    let first = p.wrapping_sub(skew);
     #[cfg(target_arch = "x86_64")]
-    for off in (0..bytes).step_by(64) {
+    for off in (0..skew + bytes).step_by(64) {
         use core::arch::x86_64::{_MM_HINT_ET0, _MM_HINT_T1, _mm_prefetch};
-        let at = p.wrapping_add(off) as *const i8;
+        let at = first.wrapping_add(off) as *const i8;
         // SAFETY: a prefetch is a hint that never faults, whatever the address.
         unsafe {
             if write {
@@ -1489,7 +1494,7 @@ fn prefetch_lines(p: *const u8, bytes: usize, write: bool) {
         };
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (p, bytes, write);
+    let _ = (first, bytes, write);
 }
 
 /// `dst = src` (equal lengths), by whole vectors and then floats, inlined.
